@@ -1,0 +1,38 @@
+# Two commands on a fresh Debian machine: `make demo` and `make test`.
+# Each installs what it needs (Debian packages, a virtualenv) on first run.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: demo test bench diagrams check deps clean
+
+demo: $(STAMP)
+	$(VENV)/bin/hsmfsm demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+bench: $(STAMP)
+	$(VENV)/bin/hsmfsm bench
+
+diagrams: $(STAMP)
+	$(VENV)/bin/hsmfsm diagram --all diagrams
+
+check: $(STAMP)
+	$(VENV)/bin/hsmfsm check policies/*.yaml
+
+deps: $(STAMP)
+
+.debs: scripts/ensure-debs
+	scripts/ensure-debs
+	touch $@
+
+$(STAMP): pyproject.toml .debs
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+clean:
+	rm -rf $(VENV) .debs build *.egg-info

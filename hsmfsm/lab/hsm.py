@@ -1,0 +1,240 @@
+"""A private HSM lab: SoftHSM tokens and network HSMs made of `p11-kit server`.
+
+The demo, the benchmark and the tests all need real PKCS#11 tokens that they
+can provision, kill, hang and restart without touching anything outside a
+temporary directory. This module is that lab. It never finds a process by
+name: every server is started in its own process group and stopped by PID
+(FACTS: `ps | grep p11-kit` does not even see the server, its argv[0] is
+`server`).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOFTHSM_UTIL = "softhsm2-util"
+P11_KIT = "p11-kit"
+
+_MODULE_CANDIDATES = {
+    "softhsm": ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/*/softhsm/libsofthsm2.so"],
+    "p11-kit-client": ["/usr/lib/*/pkcs11/p11-kit-client.so", "/usr/lib/pkcs11/p11-kit-client.so"],
+    "p11-kit-proxy": ["/usr/lib/*/p11-kit-proxy.so", "/usr/lib/p11-kit-proxy.so"],
+}
+
+
+class LabError(RuntimeError):
+    """The lab could not provision or start something; the message says what."""
+
+
+def find_module(kind: str) -> str:
+    """Return the path of a PKCS#11 module of this machine (`softhsm`, `p11-kit-client`, `p11-kit-proxy`).
+
+    Globs instead of hard-coding the multiarch triplet, so the lab works on
+    any Debian architecture.
+    """
+    for pattern in _MODULE_CANDIDATES[kind]:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.exists(path):
+                return path
+    raise LabError(f"PKCS#11 module {kind!r} not found; install Debian packages softhsm2 p11-kit-modules")
+
+
+def _require(binary: str) -> str:
+    path = shutil.which(binary)
+    if path is None:
+        raise LabError(f"{binary} not found on PATH; install Debian packages softhsm2 p11-kit (make test does)")
+    return path
+
+
+_KEYGEN = r"""
+import sys, pkcs11
+from pkcs11 import KeyType, Mechanism
+from pkcs11.util.rsa import encode_rsa_public_key
+from pkcs11.util.ec import encode_named_curve_parameters, encode_ec_public_key
+module, label, pin, outdir, rsa_labels, ec_labels = sys.argv[1:7]
+lib = pkcs11.lib(module)
+token = lib.get_token(token_label=label)
+with token.open(rw=True, user_pin=pin) as s:
+    for kl in filter(None, rsa_labels.split(",")):
+        pub, _ = s.generate_keypair(KeyType.RSA, 2048, label=kl, store=True)
+        open(f"{outdir}/{kl}.pub.der", "wb").write(encode_rsa_public_key(pub))
+    for kl in filter(None, ec_labels.split(",")):
+        params = s.create_domain_parameters(KeyType.EC, {
+            pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+        pub, _ = params.generate_keypair(label=kl, store=True)
+        open(f"{outdir}/{kl}.pub.der", "wb").write(encode_ec_public_key(pub))
+"""
+
+
+@dataclass
+class SoftHSMToken:
+    """A SoftHSM token in its own token directory, with its own config file.
+
+    `rsa_keys` and `ec_keys` are the labels of the RSA-2048 and ECDSA P-256
+    key pairs generated at provisioning; their public keys are written as DER
+    next to the token so that signatures can be verified without the HSM.
+    """
+
+    root: Path
+    label: str = "hsmfsm-lab"
+    pin: str = "1234"
+    so_pin: str = "5678"
+    rsa_keys: tuple[str, ...] = ("rsa",)
+    ec_keys: tuple[str, ...] = ("ec",)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "softhsm2.conf"
+
+    @property
+    def tokendir(self) -> Path:
+        return self.root / "tokens"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment that points SoftHSM at this token directory."""
+        return {"SOFTHSM2_CONF": str(self.conf)}
+
+    def public_key_der(self, key_label: str) -> bytes:
+        return (self.root / f"{key_label}.pub.der").read_bytes()
+
+    def _write_conf(self) -> None:
+        self.tokendir.mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(
+            f"directories.tokendir = {self.tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n"
+        )
+
+    def provision(self) -> "SoftHSMToken":
+        """Create the token and its key pairs. Idempotent only on an empty root."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._write_conf()
+        env = {**os.environ, **self.env}
+        _run([_require(SOFTHSM_UTIL), "--init-token", "--free", "--label", self.label,
+              "--pin", self.pin, "--so-pin", self.so_pin], env)
+        _run([sys.executable, "-c", _KEYGEN, find_module("softhsm"), self.label, self.pin,
+              str(self.root), ",".join(self.rsa_keys), ",".join(self.ec_keys)], env)
+        return self
+
+    def replicate(self, root: Path) -> "SoftHSMToken":
+        """An HA replica: same label, serial and keys, in a token directory of its own (FACTS)."""
+        copy = SoftHSMToken(Path(root), self.label, self.pin, self.so_pin, self.rsa_keys, self.ec_keys)
+        copy.root.mkdir(parents=True, exist_ok=True)
+        copy._write_conf()
+        shutil.rmtree(copy.tokendir)
+        shutil.copytree(self.tokendir, copy.tokendir)
+        for der in self.root.glob("*.pub.der"):
+            shutil.copy(der, copy.root / der.name)
+        return copy
+
+
+def _run(cmd: list[str], env: dict[str, str]) -> None:
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        raise LabError(f"{cmd[0]} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+
+
+@dataclass
+class NetworkHSM:
+    """A SoftHSM token served by `p11-kit server` on a unix socket: a network HSM we can break.
+
+    The server runs in a process group of its own, because it forks one
+    `p11-kit-remote` child per client: killing only the listener would leave
+    existing connections alive (FACTS). `kill`, `hang` and `resume` signal the
+    whole group.
+    """
+
+    token: SoftHSMToken
+    socket_path: Path
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def address(self) -> str:
+        """Value for P11_KIT_SERVER_ADDRESS."""
+        return f"unix:path={self.socket_path}"
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        return {"P11_KIT_SERVER_ADDRESS": self.address}
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc else None
+
+    def start(self, timeout: float = 10.0) -> "NetworkHSM":
+        if self.proc is not None and self.proc.poll() is None:
+            raise LabError(f"server for {self.socket_path} already running (pid {self.proc.pid})")
+        # A SIGKILLed server leaves its socket file; clients would see "refused".
+        self.socket_path.unlink(missing_ok=True)
+        env = {**os.environ, **self.token.env}
+        self.proc = subprocess.Popen(
+            [_require(P11_KIT), "server", "--provider", find_module("softhsm"), "-f", "-s",
+             "-n", str(self.socket_path), f"pkcs11:token={self.token.label}"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
+                raise LabError(f"p11-kit server exited with {self.proc.returncode}: {err.strip()}")
+            if self._accepts():
+                return self
+            time.sleep(0.01)
+        self.kill()
+        raise LabError(f"p11-kit server did not listen on {self.socket_path} within {timeout}s")
+
+    def _accepts(self) -> bool:
+        if not self.socket_path.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self.socket_path))
+            except OSError:
+                return False
+        return True
+
+    def _signal(self, sig: int) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        """The HSM dies: the listener and every per-client child, at once."""
+        if self.proc is None:
+            return
+        self._signal(signal.SIGCONT)  # a stopped process group must wake to die promptly
+        self._signal(signal.SIGKILL)
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        if self.proc.stderr:
+            self.proc.stderr.close()
+        self.proc = None
+
+    def hang(self) -> None:
+        """The HSM hangs (or the link drops every packet): SIGSTOP the whole group."""
+        self._signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal(signal.SIGCONT)
+
+    def restart(self) -> "NetworkHSM":
+        self.kill()
+        return self.start()
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None

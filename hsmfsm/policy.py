@@ -1,0 +1,165 @@
+"""Recovery policies: frozen, typed values loaded from YAML.
+
+A policy is a value, in the manner of urllib3's ``Retry``: one immutable object
+holds every knob, each field documented with its default. The YAML format is
+defined once, by ``hsmfsm/policy.schema.json`` (which editors can use to
+validate policies as they are written); ``policy_loader.py`` checks a file
+against it and builds these objects, and every error names the file, line and
+field. Nothing here reads a clock or touches an HSM.
+
+All durations are in seconds (floats). ``None`` for ``max_attempts`` means
+"never give up".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from .codes import Code, code_of
+from .states import Event
+
+#: Operations hsmfsm knows; a policy may declare any subset idempotent.
+OPERATIONS: tuple[str, ...] = (
+    "sign", "verify", "decrypt", "encrypt", "generate_random", "digest",
+    "generate_keypair", "generate_key", "create_object", "destroy_object",
+)
+
+
+class PolicyError(ValueError):
+    """A policy or pool file is wrong. The message reads ``file:line: field: what is wrong``."""
+
+    def __init__(self, message: str, *, file: str = "", line: int | None = None, field: str = "") -> None:
+        self.file, self.line, self.field = file, line, field
+        super().__init__(message)
+
+
+@dataclass(frozen=True, slots=True)
+class Backoff:
+    """Delay before reconnect attempt *n* (1-based): ``min(max, initial * multiplier**(n-1))``,
+    then spread by ``jitter`` (a fraction: 0.2 means +/-20 %) so that many
+    clients do not reconnect in lockstep after an HSM restart."""
+
+    initial: float = 0.05
+    multiplier: float = 2.0
+    max: float = 5.0
+    jitter: float = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectPolicy:
+    """How the connection gets (back) to ``logged_in``.
+
+    ``max_attempts``: consecutive failed connect attempts before the connection
+    gives up and goes ``failed`` (``None``: never). Counting restarts after
+    every success.
+    """
+
+    backoff: Backoff = field(default_factory=Backoff)
+    max_attempts: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class OperationsPolicy:
+    """How calls are made and re-issued.
+
+    - ``idempotent``: operations that may be re-issued after a failure that may
+      have reached the HSM (C_Sign, C_Verify, C_Decrypt, C_GenerateRandom are
+      safe; key generation and object creation are not: the object may exist).
+    - ``max_reissues``: how many times one call may be re-issued.
+    - ``deadline``: one budget spanning every attempt of a call, including the
+      wait for recovery in between. The caller gets an answer by then.
+    - ``call_timeout``: a single PKCS#11 call longer than this is cut off by
+      the watchdog and the connection leaves ``logged_in``.
+    """
+
+    idempotent: frozenset[str] = frozenset({"sign", "verify", "decrypt", "generate_random"})
+    max_reissues: int = 3
+    deadline: float = 10.0
+    call_timeout: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class ProbePolicy:
+    """The background health probe, which recovers idle connections.
+
+    ``operation``: ``session_info`` (C_GetSessionInfo: cheap, proves the
+    session and login are alive), ``token_info`` (C_GetTokenInfo) or
+    ``generate_random`` (a real crypto call). ``unhealthy_after``
+    consecutive failures declare the connection lost; fewer mark it
+    ``degraded``. ``healthy_after`` consecutive successes leave ``degraded``.
+    """
+
+    interval: float = 1.0
+    operation: str = "session_info"
+    unhealthy_after: int = 2
+    healthy_after: int = 2
+
+
+@dataclass(frozen=True, slots=True)
+class DegradedPolicy:
+    """When a serving connection counts as impaired.
+
+    A call slower than ``slow_call``, or failing with a code whose class fires
+    ``impaired``, is an impaired call. ``enter_after`` consecutive impaired
+    calls or probes enter ``degraded``; ``leave_after`` consecutive healthy
+    ones return to ``logged_in``.
+    """
+
+    slow_call: float = 1.0
+    enter_after: int = 3
+    leave_after: int = 5
+
+
+@dataclass(frozen=True, slots=True)
+class CodeClass:
+    """A class of return codes: the event it fires and what it allows.
+
+    - ``event``: a machine event, or ``None`` for no transition (the caller's
+      own mistakes: a missing key, a bad mechanism).
+    - ``reissue``: an idempotent call that failed with this class may be
+      re-issued (on this connection after recovery, or on another member).
+    - ``may_have_acted``: the HSM may have carried the operation out before
+      the error (a dropped connection after the request was sent). A
+      non-idempotent operation is never re-issued after such a class.
+    """
+
+    name: str
+    event: Event | None
+    reissue: bool
+    may_have_acted: bool
+
+
+def _frozen(mapping: Mapping) -> Mapping:
+    return MappingProxyType(dict(mapping))
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    """A whole recovery policy. Build one with :func:`hsmfsm.load_policy`."""
+
+    name: str
+    classes: Mapping[str, CodeClass]
+    codes: Mapping[str, str]  # code name -> class name
+    default_class: str
+    connect: ConnectPolicy = field(default_factory=ConnectPolicy)
+    operations: OperationsPolicy = field(default_factory=OperationsPolicy)
+    probe: ProbePolicy = field(default_factory=ProbePolicy)
+    degraded: DegradedPolicy = field(default_factory=DegradedPolicy)
+    source: str = "<built-in>"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "classes", _frozen(self.classes))
+        object.__setattr__(self, "codes", _frozen(self.codes))
+
+    def class_of(self, code: Code) -> CodeClass:
+        """The class a return code belongs to under this policy."""
+        return self.classes[self.codes.get(code.name, self.default_class)]
+
+    def classify(self, error: BaseException) -> tuple[Code, CodeClass]:
+        code = code_of(error)
+        return code, self.class_of(code)
+
+    def is_idempotent(self, operation: str) -> bool:
+        return operation in self.operations.idempotent
