@@ -1,1 +1,28 @@
-"""hsmfsm: PKCS#11 slot connections as explicit state machines, recovered by YAML policies."""
+"""hsmfsm: PKCS#11 slot connections as explicit state machines, recovered by YAML policies.
+
+The public API::
+
+    import hsmfsm
+    policy = hsmfsm.load_policy("policies/network-hsm.yaml")
+    with hsmfsm.SlotConnection(module=..., token_label="hsm-a", pin="env:HSM_PIN",
+                               policy=policy, name="hsm-a", env={...}) as conn:
+        conn.sign("zsk", b"data", mechanism="SHA256_RSA_PKCS")
+"""
+
+from .codes import Code, code_of
+from .connection import SlotConnection
+from .errors import CallTimeout, HSMError, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
+from .pin import PinError
+from .policy import Policy, PolicyError
+try:
+    from .policy_loader import load_policy
+except ImportError:  # pragma: no cover - while the loader is being written
+    pass
+from .records import TransitionRecord
+from .states import Event, IllegalTransition, State
+
+__all__ = [
+    "CallTimeout", "Code", "Event", "HSMError", "IllegalTransition", "LoginRejected", "MemberUnavailable",
+    "OperationFailed", "OutcomeUnknown", "PinError", "Policy", "PolicyError", "SlotConnection", "State",
+    "TransitionRecord", "code_of", "load_policy",
+]

@@ -140,7 +140,11 @@ class SlotMachine:
     """
 
     def __init__(self, member: str = "") -> None:
+        import logging
+
         from transitions import Machine  # the edge: the library that runs the table
+
+        logging.getLogger("transitions").setLevel(logging.WARNING)  # it logs every callback at INFO
 
         self.member = member
         self.state: str = INITIAL.value

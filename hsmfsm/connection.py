@@ -1,0 +1,625 @@
+"""A slot connection: one application's link to one token, kept alive by its policy.
+
+Three kinds of thread touch a connection, and each has one job:
+
+- **Callers** (``sign`` and friends) run the PKCS#11 call in their own thread
+  on a leased session. The success path takes no lock and fires no event: it
+  pops a lease, stamps the start time for the watchdog, signs, and pushes the
+  lease back. On an error, the caller classifies the return code and fires the
+  policy's event, then waits (within the call's deadline) for recovery and
+  re-issues if the operation is idempotent.
+- **The supervisor** (one thread per connection) does all recovery I/O:
+  reinitialising the module, opening sessions, logging in, and the health
+  probe that brings an *idle* connection back without waiting for a caller.
+- **The watchdog** (one per process) cuts off calls that overran the call
+  timeout, so a hung HSM yields an error instead of a hang.
+
+Decisions are made under ``_lock``; PKCS#11 calls are made outside it.
+
+Stale handles (FACTS): after a reinitialise, old Session and key objects may
+alias new handles. Every session belongs to a :class:`_Generation`; a loss
+retires the generation, the supervisor waits until every lease of retired
+generations is back (drain) before it reinitialises, and a lease whose
+generation is not current is never used again, nor closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from typing import Any, Callable
+
+import pkcs11
+from pkcs11 import ObjectClass
+from pkcs11.exceptions import PKCS11Error
+
+from . import states
+from .codes import CALL_TIMEOUT, CKR_OK, Code, code_of
+from .errors import CallTimeout, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
+from .module import CKR_USER_ALREADY_LOGGED_IN, USER_SESSION_STATES, ModuleError, ModuleInstance
+from .pin import PinError, PinSource, PinSpec
+from .policy import Policy
+from .records import Listener, Listeners, TransitionRecord
+from .recovery import HealthTracker, ReconnectSchedule, Verdict
+from .states import Event, SlotMachine, State
+from .watchdog import WATCHDOG
+
+log = logging.getLogger("hsmfsm.connection")
+_now = time.monotonic
+
+#: Events after which no session of the current generation may be used again.
+_ENDS_GENERATION = frozenset({Event.CONNECTION_LOST, Event.CALL_TIMEOUT, Event.SESSION_LOST,
+                              Event.FATAL, Event.CLOSE})
+_MECHANISMS: dict[str, pkcs11.Mechanism] = {}
+
+
+def _mechanism(mechanism: str | pkcs11.Mechanism | None) -> pkcs11.Mechanism | None:
+    if mechanism is None or isinstance(mechanism, pkcs11.Mechanism):
+        return mechanism
+    try:
+        return _MECHANISMS[mechanism]
+    except KeyError:
+        try:
+            mech = _MECHANISMS[mechanism] = pkcs11.Mechanism[mechanism]
+        except KeyError:
+            raise ValueError(f"unknown mechanism {mechanism!r} (a python-pkcs11 Mechanism name, e.g. SHA256_RSA_PKCS)") from None
+        return mech
+
+
+class _CallSlot:
+    """Where a thread stamps the start of a PKCS#11 call, for the watchdog."""
+
+    __slots__ = ("started", "timed_out")
+
+    def __init__(self) -> None:
+        self.started = 0.0
+        self.timed_out = False
+
+
+class _Lease(_CallSlot):
+    """A session of one generation, leased by one caller at a time, with its key cache."""
+
+    __slots__ = ("g", "session", "keys")
+
+    def __init__(self, g: "_Generation") -> None:
+        super().__init__()
+        self.g = g
+        self.session: Any = None
+        self.keys: dict[tuple[str, ObjectClass], Any] = {}
+
+
+class _Generation:
+    """The sessions valid between two losses. ``ready`` is true while the connection serves."""
+
+    __slots__ = ("number", "token", "anchor", "idle", "leases", "ready")
+
+    def __init__(self, number: int) -> None:
+        self.number = number
+        self.token: Any = None
+        self.anchor: Any = None  # the logged-in session, never leased
+        self.idle: list[_Lease] = []
+        self.leases: list[_Lease] = []
+        self.ready = False
+
+    def drained(self) -> bool:
+        return len(self.idle) == len(self.leases)
+
+
+class SlotConnection:
+    """A PKCS#11 slot connection driven by a recovery policy.
+
+    ``module`` is the PKCS#11 module path; ``env`` is applied while it loads
+    (``P11_KIT_SERVER_ADDRESS`` for p11-kit-client). ``pin`` is ``env:NAME``,
+    ``file:PATH`` or a callable. Use as a context manager, or call
+    :meth:`open` and :meth:`close`.
+    """
+
+    def __init__(self, module: str, token_label: str, pin: PinSpec, policy: Policy | None = None,
+                 name: str | None = None, env: dict[str, str] | None = None, *,
+                 probe: bool = True, rand: Callable[[], float] | None = None) -> None:
+        if policy is None:
+            from .policy_loader import default_policy
+            policy = default_policy()
+        self.name = name or token_label
+        self.token_label = token_label
+        self.policy = policy
+        self._pin = PinSource(pin)
+        self._module = ModuleInstance(module, env, self.name)
+        self._machine = SlotMachine(self.name)
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        self._g = _Generation(1)
+        self._retired: list[_Generation] = []
+        self._schedule = ReconnectSchedule(policy.connect, rand or random.random)
+        self._health = HealthTracker(policy.degraded, policy.probe)
+        self._listeners = Listeners()
+        self._supervisor_slot = _CallSlot()
+        self._supervisor: threading.Thread | None = None
+        self._probe_enabled = probe
+        self._closing = False
+        self._degraded = False
+        self._call_lock: threading.Lock | None = None
+        self._failure: Exception | None = None
+        self.last_code: Code | None = None
+        #: C_Login calls made, ever: auditors and tests count them (a wrong PIN is tried once).
+        self.login_attempts = 0
+        ops = policy.operations
+        self._timeout, self._deadline, self._max_reissues = ops.call_timeout, ops.deadline, ops.max_reissues
+        self._slow = policy.degraded.slow_call
+
+    # -- public surface -----------------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return self._machine.state
+
+    @property
+    def generation(self) -> int:
+        return self._g.number
+
+    def add_listener(self, listener: Listener) -> None:
+        """Call ``listener(record)`` on every transition, in order, from the thread that caused it."""
+        self._listeners.add(listener)
+
+    def remove_listener(self, listener: Listener) -> None:
+        self._listeners.remove(listener)
+
+    def open(self, wait: float | None = None) -> "SlotConnection":
+        """Start the supervisor and wait up to ``wait`` seconds (default: the policy's deadline)
+        for ``logged_in``. An HSM that is down does not make this fail: the supervisor keeps
+        trying per the policy. A rejected PIN does: it raises :class:`LoginRejected`."""
+        with self._lock:
+            if self._supervisor is None:
+                self._closing = False
+                self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                                    name=f"hsmfsm-supervisor-{self.name}")
+                self._supervisor.start()
+                WATCHDOG.register(self)
+            self._changed.wait_for(lambda: self._g.ready or self._machine.current is State.FAILED,
+                                   timeout=self._deadline if wait is None else wait)
+            if self._machine.current is State.FAILED and self._failure is not None:
+                raise self._failure
+        return self
+
+    def close(self) -> None:
+        """Stop recovery, drain the calls in flight, and finalise the module."""
+        with self._lock:
+            self._closing = True
+            if (self._machine.current, Event.CLOSE) in states.TRANSITIONS:
+                self._fire(Event.CLOSE)
+            supervisor, self._supervisor = self._supervisor, None
+            self._changed.notify_all()
+        self._wake.set()
+        if supervisor is not None:
+            supervisor.join(self._timeout + 1.0)
+        if self._drain(self._timeout) or self._module.cut_off():
+            self._watched(self._module.finalize)
+        WATCHDOG.unregister(self)
+
+    def __enter__(self) -> "SlotConnection":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def reset(self) -> None:
+        """Leave ``failed`` (after the PIN or the token was fixed) and start recovering again."""
+        with self._lock:
+            self._fire(Event.RESET)
+            self._failure = None
+            self._schedule.reset()
+        self._wake.set()
+
+    def __repr__(self) -> str:
+        g = self._g
+        return (f"<SlotConnection {self.name} {self.state} generation={g.number} "
+                f"sessions={len(g.leases) - len(g.idle)} busy/{len(g.idle)} idle last={self.last_code}>")
+
+    # -- operations ---------------------------------------------------------
+
+    def sign(self, key_label: str, data: bytes, mechanism: str | pkcs11.Mechanism | None = None,
+             mechanism_param: Any = None) -> bytes:
+        """Sign ``data`` with the private key labelled ``key_label``."""
+        return self._perform("sign", key_label, ObjectClass.PRIVATE_KEY, _sign,
+                             (data, _mechanism(mechanism), mechanism_param))
+
+    def verify(self, key_label: str, data: bytes, signature: bytes,
+               mechanism: str | pkcs11.Mechanism | None = None, mechanism_param: Any = None) -> bool:
+        return self._perform("verify", key_label, ObjectClass.PUBLIC_KEY, _verify,
+                             (data, signature, _mechanism(mechanism), mechanism_param))
+
+    def decrypt(self, key_label: str, data: bytes, mechanism: str | pkcs11.Mechanism | None = None,
+                mechanism_param: Any = None) -> bytes:
+        return self._perform("decrypt", key_label, ObjectClass.PRIVATE_KEY, _decrypt,
+                             (data, _mechanism(mechanism), mechanism_param))
+
+    def generate_random(self, nbytes: int) -> bytes:
+        return self._perform("generate_random", None, None, _random, (nbytes,))
+
+    def generate_keypair(self, key_type: pkcs11.KeyType, bits: int, label: str) -> Any:
+        """Not idempotent: never re-issued once it may have reached the HSM."""
+        return self._perform("generate_keypair", None, None, _keypair, (key_type, bits, label))
+
+    # -- the call path ------------------------------------------------------
+
+    def _perform(self, op: str, label: str | None, klass: ObjectClass | None,
+                 call: Callable[..., Any], args: tuple) -> Any:
+        started = _now()
+        reissues = 0
+        while True:
+            g = self._g
+            if not g.ready:
+                self._await_ready(op, started)
+                continue
+            try:
+                lease = g.idle.pop()
+            except IndexError:
+                lease = self._new_lease(g, op, started)
+                if lease is None:
+                    continue
+            if g is not self._g:  # retired between the read and the pop: never use it
+                g.idle.append(lease)
+                continue
+            lease.started = t0 = _now()
+            try:
+                target = lease.session if label is None else (
+                    lease.keys.get((label, klass)) or self._find_key(lease, label, klass))
+                if self._call_lock is None:
+                    result = call(target, *args)
+                else:
+                    with self._call_lock:
+                        result = call(target, *args)
+            except PKCS11Error as exc:
+                timed_out = lease.timed_out
+                lease.started, lease.timed_out = 0.0, False
+                g.idle.append(lease)
+                reissues = self._after_error(op, g, exc, timed_out, reissues, started)
+                continue
+            elapsed = _now() - t0
+            lease.started, lease.timed_out = 0.0, False
+            g.idle.append(lease)
+            if elapsed > self._slow or self._degraded:
+                self._after_success(g, elapsed)
+            return result
+
+    def _find_key(self, lease: _Lease, label: str, klass: ObjectClass) -> Any:
+        if self._call_lock is None:
+            key = lease.session.get_key(object_class=klass, label=label)
+        else:
+            with self._call_lock:
+                key = lease.session.get_key(object_class=klass, label=label)
+        lease.keys[(label, klass)] = key
+        return key
+
+    def _new_lease(self, g: _Generation, op: str, started: float) -> _Lease | None:
+        """Open one more session (no PIN: login is per application, FACTS) for a caller."""
+        lease = _Lease(g)
+        with self._lock:
+            if g is not self._g or not g.ready:
+                return None
+            g.leases.append(lease)  # counted before the open, so a drain waits for it
+        lease.started = _now()
+        try:
+            if self._call_lock is None:
+                lease.session = g.token.open(rw=True)
+            else:
+                with self._call_lock:
+                    lease.session = g.token.open(rw=True)
+        except PKCS11Error as exc:
+            timed_out = lease.timed_out
+            lease.started = 0.0
+            with self._lock:
+                g.leases.remove(lease)
+            # Nothing of ``op`` was sent yet, so even a non-idempotent call may go again.
+            self._after_error(op, g, exc, timed_out, 0, started, sent=False)
+            return None
+        lease.started = 0.0
+        return lease
+
+    def _after_error(self, op: str, g: _Generation, exc: PKCS11Error, timed_out: bool,
+                     reissues: int, started: float, sent: bool = True) -> int:
+        """Classify, fire the policy's event, and decide: re-issue (returns the count) or raise."""
+        code = CALL_TIMEOUT if timed_out else code_of(exc)
+        klass = self.policy.class_of(code)
+        with self._lock:
+            if g is self._g:
+                self.last_code = code
+                if klass.event is Event.IMPAIRED:
+                    if self._health.call_impaired() is Verdict.IMPAIRED:
+                        self._fire_if_legal(Event.IMPAIRED, code)
+                elif klass.event is not None:
+                    self._fire_if_legal(klass.event, code)
+        if timed_out:
+            raise CallTimeout(self.name, f"{op} overran the call timeout of {self._timeout:g}s and was cut off",
+                              code, self.state) from None
+        if klass.event is None or not klass.reissue:
+            raise OperationFailed(self.name, f"{op} failed", code, self.state) from exc
+        if sent and not self.policy.is_idempotent(op):
+            if klass.may_have_acted:
+                raise OutcomeUnknown(self.name, f"{op} failed after it may have reached the HSM; "
+                                     "not re-issued: the outcome is unknown", code, self.state) from exc
+        if reissues >= self._max_reissues:
+            raise OperationFailed(self.name, f"{op} failed after {reissues} re-issues", code, self.state) from exc
+        if _now() - started > self._deadline:
+            raise MemberUnavailable(self.name, f"{op}: deadline of {self._deadline:g}s passed", code, self.state)
+        return reissues + 1
+
+    def _after_success(self, g: _Generation, elapsed: float) -> None:
+        with self._lock:
+            if g is not self._g:
+                return
+            verdict = self._health.call_ok(elapsed)
+            if verdict is Verdict.IMPAIRED:
+                self._fire_if_legal(Event.IMPAIRED, None)
+            elif verdict is Verdict.HEALTHY:
+                self._fire_if_legal(Event.HEALTHY, None)
+
+    def _await_ready(self, op: str, started: float) -> None:
+        remaining = started + self._deadline - _now()
+        with self._lock:
+            ok = remaining > 0 and self._changed.wait_for(
+                lambda: self._g.ready or self._closing or self._machine.current is State.FAILED, remaining)
+            state = self._machine.current
+            if state is State.FAILED:
+                if isinstance(self._failure, LoginRejected):
+                    raise self._failure
+                raise MemberUnavailable(self.name, f"{op}: connection has failed and waits for reset()",
+                                        self.last_code, state)
+            if self._closing:
+                raise MemberUnavailable(self.name, f"{op}: connection is closed", self.last_code, state)
+            if not ok:
+                raise MemberUnavailable(self.name, f"{op}: not serving within the deadline of "
+                                        f"{self._deadline:g}s", self.last_code, state)
+
+    # -- transitions --------------------------------------------------------
+
+    def _fire(self, event: Event, code: Code | None = None) -> None:
+        """Apply an event (caller holds ``_lock``): retire sessions, record, wake everyone."""
+        before, after = self._machine.fire(event)
+        if event in _ENDS_GENERATION:
+            old = self._g
+            old.ready = False
+            self._retired.append(old)
+            self._g = _Generation(old.number + 1)
+        else:
+            self._g.ready = after in states.SERVING
+        self._degraded = after is State.DEGRADED
+        self._listeners.emit(TransitionRecord(
+            time.time(), self.name, before.value, after.value, event.value,
+            code.name if code else None, code.value if code else None,
+            self._schedule.attempts, self._g.number))
+        self._changed.notify_all()
+        self._wake.set()
+
+    def _fire_if_legal(self, event: Event, code: Code | None) -> bool:
+        if (self._machine.current, event) not in states.TRANSITIONS:
+            return False
+        self._fire(event, code)
+        return True
+
+    # -- the watchdog's view ------------------------------------------------
+
+    def _watchdog_tick(self, now: float) -> None:
+        limit = self._timeout
+        overran = False
+        slots: list[_CallSlot] = [self._supervisor_slot, *self._g.leases]
+        for g in list(self._retired):
+            slots.extend(g.leases)
+        for slot in slots:
+            started = slot.started
+            if started and now - started > limit and not slot.timed_out and slot.started == started:
+                slot.timed_out = True
+                overran = True
+        if overran:
+            cut = self._module.cut_off()
+            log.warning("%s: a call overran %gs; cut %d socket(s) to the HSM", self.name, limit, cut)
+            with self._lock:
+                self.last_code = CALL_TIMEOUT
+                self._fire_if_legal(Event.CALL_TIMEOUT, CALL_TIMEOUT)
+
+    # -- the supervisor -----------------------------------------------------
+
+    def _supervise(self) -> None:
+        next_probe = 0.0
+        while True:
+            with self._lock:
+                if self._closing:
+                    return
+                state = self._machine.current
+            now = _now()
+            if state is State.FAILED:
+                self._sleep(None)
+            elif state in states.SERVING:
+                if self._probe_enabled and now >= next_probe:
+                    self._probe()
+                    next_probe = _now() + self.policy.probe.interval
+                self._sleep(max(0.0, next_probe - _now()) if self._probe_enabled else None)
+            elif not self._schedule.due(now):
+                self._sleep(max(0.0, (self._schedule.next_at or now) - now))
+            else:
+                self._step(state)
+
+    def _sleep(self, seconds: float | None) -> None:
+        if self._wake.wait(seconds):
+            self._wake.clear()
+
+    def _step(self, state: State) -> None:
+        if state is State.DISCONNECTED:
+            with self._lock:
+                if not self._fire_if_legal(Event.CONNECT, None):
+                    return
+                if self._schedule.gave_up:
+                    self._fire(Event.GIVE_UP, self.last_code)
+                    return
+            self._establish(reinitialize=True)
+        elif state is State.CONNECTING:
+            self._establish(reinitialize=False)
+        elif state is State.OPEN:
+            self._login()
+
+    def _watched(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run one supervisor PKCS#11 call under the watchdog and the module's call lock."""
+        slot = self._supervisor_slot
+        slot.started, slot.timed_out = _now(), False
+        try:
+            if self._call_lock is None:
+                return fn(*args)
+            with self._call_lock:
+                return fn(*args)
+        finally:
+            slot.started = 0.0
+
+    def _drain(self, timeout: float) -> bool:
+        """Wait until no lease of a retired generation is in use; then they can be forgotten."""
+        deadline = _now() + timeout
+        while not all(g.drained() for g in self._retired):
+            if _now() > deadline:
+                return False
+            time.sleep(0.002)
+        self._retired.clear()
+        return True
+
+    def _establish(self, reinitialize: bool) -> None:
+        """connecting -> open: (re)initialise the module if asked, find the token, open the anchor session."""
+        if not self._drain(self._timeout):
+            self._module.cut_off()
+            if not self._drain(self._timeout):
+                self._attempt_failed(CALL_TIMEOUT, "calls of the old generation did not return")
+                return
+        try:
+            if reinitialize or not self._module.initialized:
+                code = self._watched(self._module.initialize)
+                self._call_lock = None if self._module.parallel else threading.Lock()
+                if code != CKR_OK:
+                    self._attempt_failed(code, "C_Initialize failed")
+                    return
+            token = self._watched(lambda: self._module.lib.get_token(token_label=self.token_label))
+            anchor = self._watched(token.open, True)
+        except ModuleError as exc:
+            with self._lock:
+                self._failure = MemberUnavailable(self.name, str(exc))
+                self._fire_if_legal(Event.FATAL, None)
+            return
+        except PKCS11Error as exc:
+            timed_out = self._supervisor_slot.timed_out
+            self._attempt_failed(CALL_TIMEOUT if timed_out else code_of(exc), "could not open a session")
+            return
+        with self._lock:
+            g = self._g
+            g.token, g.anchor = token, anchor
+            self._fire_if_legal(Event.SESSION_OPENED, None)
+
+    def _attempt_failed(self, code: Code, why: str) -> None:
+        log.info("%s: connect attempt failed: %s [%s]", self.name, why, code)
+        with self._lock:
+            self.last_code = code
+            klass = self.policy.class_of(code)
+            if klass.event is Event.FATAL:
+                self._failure = MemberUnavailable(self.name, f"{why}; the policy treats this as fatal", code)
+                self._fire_if_legal(Event.FATAL, code)
+                return
+            give_up = self._schedule.failed(_now()) is None
+            self._fire_if_legal(Event.GIVE_UP if give_up else Event.CONNECT_FAILED, code)
+            if give_up:
+                self._failure = MemberUnavailable(
+                    self.name, f"gave up after {self._schedule.attempts} connect attempts", code)
+
+    def _login(self) -> None:
+        """open -> logged_in with exactly one C_Login; a rejected PIN is never tried again."""
+        g = self._g
+        try:
+            pin = self._pin.read()
+        except PinError as exc:
+            with self._lock:
+                self._failure = LoginRejected(self.name, str(exc))
+                self._fire_if_legal(Event.FATAL, None)
+            return
+        self.login_attempts += 1
+        code = self._watched(self._module.login, g.anchor.handle, pin)
+        del pin
+        if self._supervisor_slot.timed_out:
+            code = CALL_TIMEOUT
+        with self._lock:
+            if g is not self._g:
+                return
+            self.last_code = code
+            if code.value in (0, CKR_USER_ALREADY_LOGGED_IN):
+                self._schedule.succeeded()
+                self._health.reset()
+                self._fire_if_legal(Event.LOGIN_OK, code)
+                return
+            klass = self.policy.class_of(code)
+            if klass.event is Event.FATAL:
+                self._failure = LoginRejected(
+                    self.name, "the HSM rejected the login; hsmfsm will not try this PIN again "
+                    "(a retry can lock the token). Fix the PIN, then call reset()", code, State.FAILED.value)
+                self._fire(Event.FATAL, code)
+                return
+            self._schedule.failed(_now())
+            event = klass.event if klass.event in (Event.SESSION_LOST, Event.CONNECTION_LOST) \
+                else Event.CONNECTION_LOST
+            self._fire_if_legal(event, code)
+
+    def _probe(self) -> None:
+        """One health probe on the anchor session: proves the link, the session and the login."""
+        g = self._g
+        if not g.ready:
+            return
+        try:
+            code, session_state = self._probe_call(g)
+        except PKCS11Error as exc:
+            code, session_state = code_of(exc), None
+        if self._supervisor_slot.timed_out:
+            return  # the watchdog already fired call_timeout
+        with self._lock:
+            if g is not self._g:
+                return
+            if code == CKR_OK and (session_state is None or session_state in USER_SESSION_STATES):
+                if self._health.probe_ok() is Verdict.HEALTHY:
+                    self._fire_if_legal(Event.HEALTHY, None)
+                return
+            if code == CKR_OK:  # the session lives but nobody is logged in any more
+                code = Code("CKR_USER_NOT_LOGGED_IN", 0x101)
+            self.last_code = code
+            klass = self.policy.class_of(code)
+            if klass.event in (Event.CONNECTION_LOST, Event.SESSION_LOST, Event.LOGIN_LOST, Event.FATAL):
+                self._fire_if_legal(klass.event, code)
+                return
+            verdict = self._health.probe_failed()
+            if verdict is Verdict.UNHEALTHY:
+                self._fire_if_legal(Event.CONNECTION_LOST, code)
+            elif verdict is Verdict.IMPAIRED:
+                self._fire_if_legal(Event.IMPAIRED, code)
+
+    def _probe_call(self, g: _Generation) -> tuple[Code, int | None]:
+        operation = self.policy.probe.operation
+        if operation == "generate_random":
+            self._watched(g.anchor.generate_random, 128)
+            return CKR_OK, None
+        if operation == "token_info":
+            self._watched(lambda: g.token.slot.get_token())
+            return CKR_OK, None
+        return self._watched(self._module.session_state, g.anchor.handle)
+
+
+def _sign(key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
+    return key.sign(data, mechanism=mechanism, mechanism_param=param)
+
+
+def _verify(key: Any, data: bytes, signature: bytes, mechanism: Any, param: Any) -> bool:
+    return key.verify(data, signature, mechanism=mechanism, mechanism_param=param)
+
+
+def _decrypt(key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
+    return key.decrypt(data, mechanism=mechanism, mechanism_param=param)
+
+
+def _random(session: Any, nbytes: int) -> bytes:
+    return session.generate_random(nbytes * 8)
+
+
+def _keypair(session: Any, key_type: Any, bits: int, label: str) -> Any:
+    return session.generate_keypair(key_type, bits, label=label, store=True)

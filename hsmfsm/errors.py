@@ -1,0 +1,43 @@
+"""What callers catch. Every error names the member, the state and the return code.
+
+No message ever contains a PIN: errors are built from member names, states
+and return codes only.
+"""
+
+from __future__ import annotations
+
+from .codes import Code
+
+
+class HSMError(Exception):
+    """Base of the errors a slot connection raises to its caller."""
+
+    def __init__(self, member: str, message: str, code: Code | None = None, state: str | None = None) -> None:
+        self.member, self.code, self.state = member, code, state
+        detail = f" [{code}]" if code else ""
+        where = f" (state {state})" if state else ""
+        super().__init__(f"{member}: {message}{detail}{where}")
+
+
+class OperationFailed(HSMError):
+    """The HSM returned an error that the policy does not recover from for this call."""
+
+
+class CallTimeout(HSMError):
+    """A PKCS#11 call overran the policy's call timeout; the watchdog cut it off."""
+
+
+class MemberUnavailable(HSMError):
+    """The member could not serve within the call's deadline (down, recovering, or failed)."""
+
+
+class LoginRejected(HSMError):
+    """The HSM rejected the PIN (or it is locked or expired). hsmfsm does not try again:
+    a retry burns the token's PIN counter and can lock it for good."""
+
+
+class OutcomeUnknown(HSMError):
+    """A non-idempotent operation failed after it may have reached the HSM.
+
+    It is not re-issued: the object may exist. Check the token before trying again.
+    """

@@ -1,0 +1,288 @@
+"""The edge to the PKCS#11 module: loading, (re)initialising, logging in, cutting off.
+
+Measured traps this module exists to avoid (see ``../shared/FACTS.md`` and the
+README's "Why it is built this way"):
+
+1. python-pkcs11 calls C_Finalize *holding the GIL* (``lib.finalize()``,
+   ``lib.reinitialize()``, and ``lib.__dealloc__``). On a hung network HSM that
+   call never returns, and with the GIL held the whole interpreter freezes:
+   no other thread, no watchdog, no signal handler runs. We measured it. So
+   hsmfsm never lets python-pkcs11 finalize: it calls C_Finalize and
+   C_Initialize itself, through ctypes (which releases the GIL), on the very
+   function list python-pkcs11 uses.
+2. python-pkcs11 initialises with ``C_Initialize(NULL)``, which tells a module
+   the application will not call it from several threads. In-process SoftHSM
+   then crashes under two threads. hsmfsm re-initialises every module with
+   ``CKF_OS_LOCKING_OK``; a module that refuses (CKR_CANT_LOCK) gets
+   ``NULL`` and a lock that serialises its calls.
+3. ``pkcs11.lib(path)`` is cached per path string, and p11-kit-client reads
+   ``P11_KIT_SERVER_ADDRESS`` when the module is loaded. Each
+   :class:`ModuleInstance` therefore loads the module under a path of its own
+   (a symlink), with its environment applied under a process-wide lock.
+
+Getting at python-pkcs11's function list reads one pointer out of the Cython
+object. The layout is checked before it is read (the base class must be
+exactly ``PyObject_HEAD`` plus three pointers), and the pointer is checked
+after (its C_GetInfo must describe the same library python-pkcs11 loaded).
+``pyproject.toml`` pins python-pkcs11 to the tested series.
+"""
+
+from __future__ import annotations
+
+import atexit
+import ctypes
+import os
+import shutil
+import socket
+import tempfile
+import threading
+from contextlib import contextmanager
+from typing import Iterator
+
+import pkcs11
+
+from .codes import Code, code_from_value
+
+CK_RV = ctypes.c_ulong
+CK_ULONG = ctypes.c_ulong
+CKF_OS_LOCKING_OK = 0x2
+CKU_USER = 1
+CKR_OK = 0
+CKR_CANT_LOCK = 0xA
+CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
+CKR_USER_ALREADY_LOGGED_IN = 0x100
+#: C_GetSessionInfo states that mean "a user is logged in".
+USER_SESSION_STATES = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
+
+
+class _Version(ctypes.Structure):
+    _fields_ = [("major", ctypes.c_ubyte), ("minor", ctypes.c_ubyte)]
+
+
+class _Info(ctypes.Structure):
+    _fields_ = [("cryptokiVersion", _Version), ("manufacturerID", ctypes.c_char * 32),
+                ("flags", CK_ULONG), ("libraryDescription", ctypes.c_char * 32),
+                ("libraryVersion", _Version)]
+
+
+class _SessionInfo(ctypes.Structure):
+    _fields_ = [("slotID", CK_ULONG), ("state", CK_ULONG), ("flags", CK_ULONG), ("ulDeviceError", CK_ULONG)]
+
+
+class _InitArgs(ctypes.Structure):
+    _fields_ = [("CreateMutex", ctypes.c_void_p), ("DestroyMutex", ctypes.c_void_p),
+                ("LockMutex", ctypes.c_void_p), ("UnlockMutex", ctypes.c_void_p),
+                ("flags", CK_ULONG), ("pReserved", ctypes.c_void_p)]
+
+
+# CK_FUNCTION_LIST, as far as hsmfsm calls into it (PKCS#11 2.40 order).
+_FUNCTIONS = ["C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList",
+              "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
+              "C_InitToken", "C_InitPIN", "C_SetPIN", "C_OpenSession", "C_CloseSession",
+              "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
+              "C_SetOperationState", "C_Login", "C_Logout"]
+
+
+class _FunctionList(ctypes.Structure):
+    _fields_ = [("version", _Version)] + [(name, ctypes.c_void_p) for name in _FUNCTIONS]
+
+
+_PROTO = {
+    "C_Initialize": ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p),
+    "C_Finalize": ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p),
+    "C_GetInfo": ctypes.CFUNCTYPE(CK_RV, ctypes.POINTER(_Info)),
+    "C_GetSessionInfo": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_SessionInfo)),
+    "C_Login": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG),
+    "C_Logout": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
+    "C_CloseSession": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
+}
+
+
+class ModuleError(RuntimeError):
+    """The module could not be loaded or is of a layout hsmfsm cannot drive safely."""
+
+
+def _function_list_address(lib: object) -> int:
+    """The CK_FUNCTION_LIST* inside a python-pkcs11 ``lib`` object, after checking the layout."""
+    import pkcs11._pkcs11 as impl
+
+    ptr = ctypes.sizeof(ctypes.c_void_p)
+    base = getattr(impl, "HasFuncList", None)
+    if base is None or not isinstance(lib, base) or base.__basicsize__ != object.__basicsize__ + 3 * ptr:
+        raise ModuleError("unsupported python-pkcs11 object layout; hsmfsm is tested with python-pkcs11 0.10")
+    address = ctypes.c_void_p.from_address(id(lib) + object.__basicsize__).value
+    if not address:
+        raise ModuleError("python-pkcs11 holds no function list for this module")
+    return address
+
+
+_ENV_LOCK = threading.Lock()
+_LINK_DIR: str | None = None
+
+
+def _private_path(module: str, name: str) -> str:
+    """A path of this process's own that leads to ``module`` (python-pkcs11 caches per path)."""
+    global _LINK_DIR
+    if _LINK_DIR is None:
+        _LINK_DIR = tempfile.mkdtemp(prefix="hsmfsm-modules-")
+        atexit.register(shutil.rmtree, _LINK_DIR, True)
+    fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".so", dir=_LINK_DIR)
+    os.close(fd)
+    os.unlink(path)
+    os.symlink(os.path.abspath(module), path)
+    return path
+
+
+@contextmanager
+def _environment(env: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _server_path(env: dict[str, str]) -> str | None:
+    address = env.get("P11_KIT_SERVER_ADDRESS") or ""
+    return address[len("unix:path="):] if address.startswith("unix:path=") else None
+
+
+class ModuleInstance:
+    """One loaded instance of a PKCS#11 module, owned by one slot connection.
+
+    Never closed or garbage-collected while the process runs: python-pkcs11's
+    deallocator would call C_Finalize with the GIL held (trap 1 above).
+    """
+
+    _keep_alive: list["ModuleInstance"] = []
+
+    def __init__(self, module: str, env: dict[str, str] | None = None, name: str = "module") -> None:
+        if not os.path.exists(module):
+            raise ModuleError(f"{name}: PKCS#11 module {module} does not exist")
+        self.module = module
+        self.env = dict(env or {})
+        self.name = name
+        self.lib: object | None = None
+        self.initialized = False
+        #: False when the module refused CKF_OS_LOCKING_OK: calls must then be serialised.
+        self.parallel = True
+        self._fl: _FunctionList | None = None
+        self._fn: dict[str, ctypes._CFuncPtr] = {}
+        self._server_path = _server_path(self.env)
+
+    # -- loading and (re)initialising --------------------------------------
+
+    def initialize(self) -> Code:
+        """Load (first time) or re-initialise the module. Returns the code of C_Initialize.
+
+        Re-initialising drops every session of the previous generation on the
+        module side; the caller must already have drained and abandoned them.
+        """
+        if self.lib is None:
+            self._load()
+        else:
+            self.finalize()
+        return self._initialize_with_locking()
+
+    def _load(self) -> None:
+        path = _private_path(self.module, self.name)
+        with _ENV_LOCK, _environment(self.env):
+            self.lib = pkcs11.lib(path)  # C_Initialize(NULL) + C_GetInfo, GIL released
+        ModuleInstance._keep_alive.append(self)
+        address = _function_list_address(self.lib)
+        self._fl = _FunctionList.from_address(address)
+        self._fn = {name: proto(getattr(self._fl, name)) for name, proto in _PROTO.items()}
+        info = _Info()
+        rv = self._fn["C_GetInfo"](ctypes.byref(info))
+        described = info.manufacturerID.decode("utf-8", "replace").rstrip()
+        if rv != CKR_OK or described != self.lib.manufacturer_id:
+            raise ModuleError(f"{self.name}: function list check failed; refusing to drive {self.module}")
+        self.initialized = True
+        self.finalize()  # python-pkcs11's NULL initialisation: replaced below with OS locking
+
+    def _initialize_with_locking(self) -> Code:
+        args = _InitArgs(flags=CKF_OS_LOCKING_OK)
+        rv = self._fn["C_Initialize"](ctypes.byref(args))
+        if rv == CKR_CANT_LOCK:
+            self.parallel = False
+            rv = self._fn["C_Initialize"](None)
+        self.initialized = rv == CKR_OK
+        return code_from_value(rv)
+
+    def finalize(self) -> Code:
+        """C_Finalize with the GIL released. Safe to call when not initialised."""
+        if not self.initialized or not self._fn:
+            return code_from_value(CKR_OK)
+        self.initialized = False
+        return code_from_value(self._fn["C_Finalize"](None))
+
+    # -- calls python-pkcs11 does not offer, or offers with traps -----------
+
+    def login(self, session_handle: int, pin: str) -> Code:
+        """Exactly one C_Login. python-pkcs11 only logs in inside ``token.open``, which
+        leaks the session it opened when the PIN is wrong."""
+        data = pin.encode("utf-8")
+        rv = self._fn["C_Login"](session_handle, CKU_USER, data, len(data))
+        return code_from_value(rv)
+
+    def session_state(self, session_handle: int) -> tuple[Code, int]:
+        """C_GetSessionInfo: the probe. Returns the code and the session state (CKS_*)."""
+        info = _SessionInfo()
+        rv = self._fn["C_GetSessionInfo"](session_handle, ctypes.byref(info))
+        return code_from_value(rv), int(info.state)
+
+    def close_session(self, session_handle: int) -> Code:
+        """C_CloseSession without the C_Logout that python-pkcs11's ``Session.close`` adds
+        (a logout there would log every other session out)."""
+        return code_from_value(self._fn["C_CloseSession"](session_handle))
+
+    def logout(self, session_handle: int) -> Code:
+        return code_from_value(self._fn["C_Logout"](session_handle))
+
+    # -- the watchdog's lever -----------------------------------------------
+
+    @property
+    def can_cut_off(self) -> bool:
+        """Whether a hung call into this module can be unblocked from outside (p11-kit-client)."""
+        return self._server_path is not None
+
+    def cut_off(self) -> int:
+        """Shut down this process's sockets to the module's server; returns how many.
+
+        A call blocked on a hung network HSM then returns CKR_DEVICE_ERROR
+        (FACTS). The sockets are found by their peer address, so this also
+        catches the socket a C_Initialize in progress just opened. Other
+        connections to the *same* server are cut too: they hang on it as well.
+        """
+        if self._server_path is None:
+            return 0
+        cut = 0
+        for entry in os.listdir("/proc/self/fd"):
+            try:
+                if not os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
+                    continue
+                fd = os.dup(int(entry))
+            except (OSError, ValueError):
+                continue
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                os.close(fd)
+                continue
+            try:
+                if sock.family == socket.AF_UNIX and sock.getpeername() == self._server_path:
+                    sock.shutdown(socket.SHUT_RDWR)
+                    cut += 1
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        return cut
+
+    def __repr__(self) -> str:
+        return f"<ModuleInstance {self.name} {self.module} initialized={self.initialized} parallel={self.parallel}>"

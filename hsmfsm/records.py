@@ -1,0 +1,75 @@
+"""The record of every state change: a value per transition, handed to listeners and to logging.
+
+Auditors read these; operators alert on them. A record carries the member,
+the states, the event, the return code that caused it, the reconnect attempt
+and the generation (which sessions were valid). It never carries a PIN: it is
+built only from those fields.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable
+
+log = logging.getLogger("hsmfsm.transitions")
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionRecord:
+    time: float  # UNIX time (UTC)
+    member: str
+    source: str
+    dest: str
+    event: str
+    code_name: str | None
+    code_value: int | None
+    attempt: int
+    generation: int
+
+    @property
+    def iso_time(self) -> str:
+        return datetime.fromtimestamp(self.time, timezone.utc).isoformat(timespec="milliseconds")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["time"] = self.iso_time
+        return d
+
+    def __str__(self) -> str:
+        code = f" {self.code_name}" + (f" (0x{self.code_value:X})" if self.code_value is not None else "") \
+            if self.code_name else ""
+        return (f"{self.iso_time} {self.member}: {self.source} -> {self.dest} on {self.event}{code}"
+                f" attempt={self.attempt} generation={self.generation}")
+
+
+Listener = Callable[[TransitionRecord], None]
+
+
+class Listeners:
+    """Listeners of one connection. A failing listener is logged, never propagated:
+    recording a transition must not break recovery or a sign call."""
+
+    def __init__(self) -> None:
+        self._items: tuple[Listener, ...] = ()
+        self._lock = threading.Lock()
+
+    def add(self, listener: Listener) -> None:
+        with self._lock:
+            self._items = (*self._items, listener)
+
+    def remove(self, listener: Listener) -> None:
+        with self._lock:
+            self._items = tuple(x for x in self._items if x is not listener)
+
+    def emit(self, record: TransitionRecord) -> None:
+        level = logging.WARNING if record.dest in ("disconnected", "failed") and record.event != "close" \
+            else logging.INFO
+        log.log(level, "%s", record)
+        for listener in self._items:
+            try:
+                listener(record)
+            except Exception:  # noqa: BLE001 - a listener must never break recovery
+                log.exception("transition listener %r failed", listener)
