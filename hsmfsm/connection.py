@@ -140,7 +140,6 @@ class SlotConnection:
         self._supervisor: threading.Thread | None = None
         self._probe_enabled = probe
         self._closing = False
-        self._degraded = False
         self._call_lock: threading.Lock | None = None
         self._failure: Exception | None = None
         self.last_code: Code | None = None
@@ -281,7 +280,7 @@ class SlotConnection:
             elapsed = _now() - t0
             lease.started, lease.timed_out = 0.0, False
             g.idle.append(lease)
-            if elapsed > self._slow or self._degraded:
+            if elapsed > self._slow or not self._health.quiet:
                 self._after_success(g, elapsed)
             return result
 
@@ -386,7 +385,6 @@ class SlotConnection:
             self._g = _Generation(old.number + 1)
         else:
             self._g.ready = after in states.SERVING
-        self._degraded = after is State.DEGRADED
         self._listeners.emit(TransitionRecord(
             time.time(), self.name, before.value, after.value, event.value,
             code.name if code else None, code.value if code else None,

@@ -141,29 +141,35 @@ class SlotMachine:
 
     def __init__(self, member: str = "") -> None:
         import logging
+        from types import SimpleNamespace
 
         from transitions import Machine  # the edge: the library that runs the table
 
         logging.getLogger("transitions").setLevel(logging.WARNING)  # it logs every callback at INFO
-
         self.member = member
-        self.state: str = INITIAL.value
+        # A private model: the library's per-event methods (model.connect() ...) would
+        # bypass fire() and the table's error; nobody outside can reach them here.
+        self._model = SimpleNamespace(state=INITIAL.value)
         states, rows = machine_definition()
         self._machine = Machine(
-            model=self, states=states, transitions=rows, initial=INITIAL.value,
+            model=self._model, states=states, transitions=rows, initial=INITIAL.value,
             auto_transitions=False, ignore_invalid_triggers=False, send_event=False,
-            model_attribute="state",
         )
 
     @property
+    def state(self) -> str:
+        return self._model.state
+
+    @property
     def current(self) -> State:
-        return State(self.state)
+        return State(self._model.state)
 
     def fire(self, event: Event) -> tuple[State, State]:
         """Apply ``event``; returns (from, to). Illegal events raise and change nothing."""
-        before = State(self.state)
+        before = State(self._model.state)
         dest = next_state(before, event, self.member)  # the table decides; the library enacts
-        self.trigger(event.value)
-        after = State(self.state)
-        assert after == dest, f"transitions library disagrees with the table: {before}->{after} vs {dest}"
+        self._model.trigger(event.value)
+        after = State(self._model.state)
+        if after != dest:
+            raise RuntimeError(f"transitions library disagrees with the table: {before}->{after}, table says {dest}")
         return before, after

@@ -267,7 +267,7 @@ def test_healthy_after_probes_reports_healthy() -> None:
 
 def test_impaired_observation_breaks_healthy_streaks() -> None:
     t = impaired_tracker()
-    verdicts = [t.call_ok(0.01)] * 0 + [t.call_ok(0.01) for _ in range(3)]
+    verdicts = [t.call_ok(0.01) for _ in range(3)]
     verdicts += [t.probe_ok(), t.call_impaired()]
     verdicts += [t.call_ok(0.01) for _ in range(3)] + [t.probe_ok()]
     assert verdicts == [N] * 9  # neither streak survived the impaired call
