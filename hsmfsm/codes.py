@@ -227,6 +227,8 @@ class Code:
 
 
 CKR_OK = Code("CKR_OK", 0)
+#: An exception that did not come from python-pkcs11 at all.
+UNKNOWN_ERROR = "HSMFSM_UNKNOWN_ERROR"
 #: A call that overran the policy's call timeout; the watchdog cut it off.
 CALL_TIMEOUT = Code("HSMFSM_CALL_TIMEOUT", None)
 
@@ -252,13 +254,16 @@ def code_from_name(name: str) -> Code:
     text = name.strip()
     if text in CKR:
         return Code(text, CKR[text])
-    if text in PSEUDO or text == CALL_TIMEOUT.name:
+    if text in PSEUDO or text in (CALL_TIMEOUT.name, UNKNOWN_ERROR):
         return Code(text, None)
-    m = re.fullmatch(r"CKR_VENDOR_DEFINED\s*\+\s*(0x[0-9a-fA-F]+|\d+)", text)
+    m = re.fullmatch(r"CKR_VENDOR_DEFINED\s*\+\s*(0x[0-9a-fA-F]+|[0-9]+)", text)
     if m:
-        return code_from_value(CKR_VENDOR_DEFINED + int(m.group(1), 0))
-    if re.fullmatch(r"0x[0-9a-fA-F]+|\d+", text):
-        return code_from_value(int(text, 0))
+        return code_from_value(CKR_VENDOR_DEFINED + int(m.group(1), 0 if m.group(1).startswith("0x") else 10))
+    m = re.fullmatch(r"(?:CKR_)?0x([0-9a-fA-F]+)", text)  # also the names name_of() gives unlisted codes
+    if m:
+        return code_from_value(int(m.group(1), 16))
+    if re.fullmatch(r"[0-9]+", text):
+        return code_from_value(int(text, 10))
     raise KeyError(text)
 
 
@@ -292,8 +297,8 @@ def code_of(error: BaseException) -> Code:
         for base, bname in _CLASS_TO_NAME.items():  # a subclass of a mapped class
             if isinstance(error, base):
                 return Code(bname, CKR[bname])
-    return Code("HSMFSM_UNKNOWN_ERROR", None)
+    return Code(UNKNOWN_ERROR, None)
 
 
 #: Every name a policy may classify.
-ALL_NAMES: frozenset[str] = frozenset(CKR) | frozenset(PSEUDO) | {CALL_TIMEOUT.name, "HSMFSM_UNKNOWN_ERROR"}
+ALL_NAMES: frozenset[str] = frozenset(CKR) | frozenset(PSEUDO) | {CALL_TIMEOUT.name, UNKNOWN_ERROR}

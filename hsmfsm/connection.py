@@ -33,6 +33,7 @@ from typing import Any, Callable
 
 import pkcs11
 from pkcs11 import ObjectClass
+from pkcs11._pkcs11 import SearchIter
 from pkcs11.exceptions import PKCS11Error
 
 from . import states
@@ -286,10 +287,10 @@ class SlotConnection:
 
     def _find_key(self, lease: _Lease, label: str, klass: ObjectClass) -> Any:
         if self._call_lock is None:
-            key = lease.session.get_key(object_class=klass, label=label)
+            key = _find_one(lease.session, label, klass)
         else:
             with self._call_lock:
-                key = lease.session.get_key(object_class=klass, label=label)
+                key = _find_one(lease.session, label, klass)
         lease.keys[(label, klass)] = key
         return key
 
@@ -601,6 +602,36 @@ class SlotConnection:
             self._watched(lambda: g.token.slot.get_token())
             return CKR_OK, None
         return self._watched(self._module.session_state, g.anchor.handle)
+
+
+def _find_one(session: Any, label: str, klass: ObjectClass) -> Any:
+    """Find exactly one key, finishing the search whatever happens.
+
+    python-pkcs11's ``get_key`` can leave its search operation active (when
+    C_FindObjectsInit fails, or when the generator is dropped half-way); its
+    finaliser then calls C_FindObjectsFinal at garbage collection and, on a
+    dead link, raises into the void (FACTS). This runs the same SearchIter by
+    hand and always finishes it here, while the lease (and so its generation)
+    is still held: the drain waits for us, so the handle cannot be stale yet.
+    """
+    search = SearchIter(session, {pkcs11.Attribute.CLASS: klass, pkcs11.Attribute.LABEL: label}, 2)
+    found: list[Any] = []
+    try:
+        search.__enter__()  # C_FindObjectsInit
+        for batch in search:
+            found.extend(batch)
+            if len(found) > 1:
+                break
+    finally:
+        try:
+            search._finalize()  # C_FindObjectsFinal, if still active; marks the search finished
+        except PKCS11Error:
+            pass
+    if not found:
+        raise pkcs11.exceptions.NoSuchKey(f"no {klass.name} labelled {label!r}")
+    if len(found) > 1:
+        raise pkcs11.exceptions.MultipleObjectsReturned(f"more than one {klass.name} labelled {label!r}")
+    return found[0]
 
 
 def _sign(key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:

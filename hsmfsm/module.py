@@ -152,6 +152,19 @@ def _server_path(env: dict[str, str]) -> str | None:
     return address[len("unix:path="):] if address.startswith("unix:path=") else None
 
 
+def _cut_all_at_exit() -> None:
+    """At exit python-pkcs11 finalises every module it loaded, holding the GIL: on a hung
+    HSM the process would never exit. Cutting the sockets first makes that C_Finalize fail fast."""
+    for instance in ModuleInstance._keep_alive:
+        try:
+            instance.cut_off()
+        except Exception:  # noqa: BLE001 - best effort on the way out
+            pass
+
+
+atexit.register(_cut_all_at_exit)
+
+
 class ModuleInstance:
     """One loaded instance of a PKCS#11 module, owned by one slot connection.
 
@@ -183,16 +196,27 @@ class ModuleInstance:
         Re-initialising drops every session of the previous generation on the
         module side; the caller must already have drained and abandoned them.
         """
-        if self.lib is None:
-            self._load()
-        else:
-            self.finalize()
-        return self._initialize_with_locking()
+        # Modules read their environment at load (p11-kit-client) or at C_Initialize
+        # (SoftHSM's SOFTHSM2_CONF), so both happen with it applied. A hung
+        # C_Initialize holds the lock until the watchdog cuts it off.
+        with _ENV_LOCK, _environment(self.env):
+            if self.lib is None:
+                self._load()
+            else:
+                self.finalize()
+            return self._initialize_with_locking()
 
     def _load(self) -> None:
         path = _private_path(self.module, self.name)
-        with _ENV_LOCK, _environment(self.env):
+        try:
             self.lib = pkcs11.lib(path)  # C_Initialize(NULL) + C_GetInfo, GIL released
+        except pkcs11.PKCS11Error as exc:
+            if "already initialized" in str(exc):
+                raise ModuleError(
+                    f"{self.name}: {self.module} is already initialised in this process by another "
+                    "connection; an in-process module (SoftHSM) is one instance per process: open one "
+                    "SlotConnection to it, or reach it through p11-kit-client or p11-kit-proxy") from None
+            raise
         ModuleInstance._keep_alive.append(self)
         address = _function_list_address(self.lib)
         self._fl = _FunctionList.from_address(address)

@@ -4,7 +4,13 @@ SoftHSM never answers CKR_TOKEN_NOT_PRESENT, CKR_DEVICE_REMOVED or a vendor
 code, yet those are exactly the answers a real network HSM gives when an HA
 member fails (FACTS). To test the recovery paths over the real wire, this
 relay sits between the client module and the server, forwards every byte,
-and on command replaces the reply of a chosen call with an error.
+and on command replaces the reply of a chosen call with an error, delays
+replies, or cuts every connection.
+
+`Relay` is the class to use: it runs the relay in a child process, because
+python-pkcs11 holds the GIL in C_Finalize and a relay thread in the same
+interpreter would deadlock `lib.reinitialize()`. `InProcessRelay` is the
+engine it runs there (listener thread plus two pump threads per connection).
 
 The p11-kit RPC, as seen on the wire (p11-kit 0.24.1, and p11-kit's
 rpc-message.h / rpc-message.c / rpc-transport.c)::
@@ -16,7 +22,8 @@ rpc-message.h / rpc-message.c / rpc-transport.c)::
     data of a request or reply:
         [u32 call_id][u32 sig_len][sig bytes] arguments...
 
-`code` pairs a reply with its request; the client waits for the reply before
+`code` is a per-connection sequence number that the reply echoes; requests
+carry the options b"client", replies none. The client waits for the reply before
 it sends the next request on a connection, so one connection never has two
 requests in flight, and a reply always answers the oldest pending request.
 An error reply is ``call_id 0 (P11_RPC_CALL_ERROR), signature "u", u64
@@ -28,7 +35,10 @@ through p11-kit-client 0.24.1: every request's signature string matched the
 table's request signature for its id (C_Initialize 1 "ayyay", C_OpenSession
 10 "uu", C_Login 18 "uuay", C_FindObjectsInit 26 "uaA", C_SignInit 42
 "uMu", C_Sign 43 "uayfy", C_GenerateRandom 64 "ufy", ...); tests/test_relay.py
-re-checks this on every run.
+re-checks this on every run. Calls that share a signature ("u": C_GetSlotInfo
+5, C_GetTokenInfo 6, C_CloseSession 11, C_Logout 19, C_FindObjectsFinal 28)
+were told apart by the order python-pkcs11 makes them; C_GetSessionInfo (13,
+"u") was not seen on the wire and rests on the enumeration alone.
 
 Length queries: python-pkcs11 signs with C_SignInit, then C_Sign with a NULL
 buffer (how long is the signature?), then the real C_Sign. A request whose
@@ -39,16 +49,27 @@ operation active while the client believes it ended (FACTS).
 
 from __future__ import annotations
 
+import argparse
 import collections
+import dataclasses
+import json
+import os
+import select
 import selectors
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-__all__ = ["CALL_IDS", "CALL_NAMES", "Relay", "RelayError", "TraceEntry"]
+__all__ = ["CALL_IDS", "CALL_NAMES", "InProcessRelay", "Relay", "RelayError", "TraceEntry",
+           "WILDCARD_EXEMPT"]
 
 #: p11-kit's P11_RPC_CALL_* ids, in enumeration order (rpc-message.h).
 CALL_IDS: dict[str, int] = {
@@ -203,7 +224,7 @@ class _Link:
     number: int
     client: socket.socket
     upstream: socket.socket
-    relay: "Relay"
+    relay: "InProcessRelay"
     pending: collections.deque[_Verdict] = field(default_factory=collections.deque)
     client_lock: threading.Lock = field(default_factory=threading.Lock)
     closed: threading.Event = field(default_factory=threading.Event)
@@ -227,7 +248,7 @@ class _Link:
             except OSError:
                 pass
 
-    def _run(self, pump) -> None:
+    def _run(self, pump: Callable[[], None]) -> None:
         try:
             pump()
         except _Closed:
@@ -280,36 +301,26 @@ class _Link:
             self.closed.wait(latency)  # wakes at once when the link or relay closes
 
 
-class Relay:
-    """A transparent, scriptable relay from `listen_path` to a p11-kit server at `upstream_path`.
+class InProcessRelay:
+    """The relay engine: listener and pump threads in the current process.
 
-    Every client connection gets its own upstream connection (so the server
-    forks its own child for it, as without the relay) and two pump threads.
-    Usage::
-
-        relay = Relay(tmp / "relay.sock", hsm.socket_path).start()
-        os.environ["P11_KIT_SERVER_ADDRESS"] = relay.address   # before loading the client
-        relay.fail("C_Sign", 0xE0)        # CKR_TOKEN_NOT_PRESENT until cleared
-        relay.fail("C_Login", 0xA0, count=1, forward=False)
-        relay.clear()
-        relay.calls_seen("C_Login")       # requests seen on the wire
-        relay.reset_connections()         # a network reset
-        relay.latency = 0.05              # seconds added to every reply
-        relay.stop()
-
-    It is also a context manager (`with Relay(...).start() as relay:`).
+    Do not put it in front of a python-pkcs11 `lib` of the same process:
+    python-pkcs11 0.10.1 holds the GIL while it calls C_Finalize (`finalize`,
+    `reinitialize`, `unload` and garbage collection of the lib), so the
+    relay's threads can never forward that request and the process hangs
+    (measured). `Relay` runs this engine in a child process instead; use this
+    class directly only where no client library shares the interpreter.
+    The methods are documented on `Relay`.
     """
 
     def __init__(self, listen_path: Path | str, upstream_path: Path | str, *,
                  latency: float = 0.0, trace: bool = False) -> None:
         self.listen_path = Path(listen_path)
         self.upstream_path = Path(upstream_path)
-        #: Seconds to wait before passing on each reply (not the handshake byte).
-        #: Read per reply, so it can be changed while clients are connected.
+        #: Seconds to wait before passing on each reply (not the handshake
+        #: byte); read per reply, so it can change while clients are connected.
         self.latency = latency
-        #: Frames seen, in order, when `trace` is true; for debugging and for
-        #: checking call ids against live traffic.
-        self.trace: list[TraceEntry] | None = [] if trace else None
+        self._trace: list[TraceEntry] | None = [] if trace else None
         self._lock = threading.Lock()
         self._faults: dict[str, _Fault] = {}
         self._seen: collections.Counter[str] = collections.Counter()
@@ -321,6 +332,12 @@ class Relay:
         self._acceptor: threading.Thread | None = None
         self._stopping = threading.Event()
 
+    @property
+    def trace(self) -> list[TraceEntry]:
+        """Frames seen so far, in order (empty unless made with `trace=True`)."""
+        with self._lock:
+            return list(self._trace or ())
+
     # -- life cycle -----------------------------------------------------
 
     @property
@@ -328,7 +345,7 @@ class Relay:
         """Value for P11_KIT_SERVER_ADDRESS that points a client at this relay."""
         return f"unix:path={self.listen_path.absolute()}"
 
-    def start(self) -> "Relay":
+    def start(self) -> "InProcessRelay":
         """Listen on `listen_path` (a stale socket file there is replaced) and start accepting."""
         if self._acceptor is not None:
             raise RelayError(f"relay on {self.listen_path} already started")
@@ -339,8 +356,8 @@ class Relay:
             listener.listen(128)
         except OSError as exc:
             listener.close()
-            raise RelayError(f"relay cannot listen on {self.listen_path}: {exc}; "
-                             "unix socket paths must be under 108 bytes") from exc
+            hint = "; use a shorter directory (108-byte limit)" if len(str(self.listen_path)) > 107 else ""
+            raise RelayError(f"relay cannot listen on {self.listen_path}: {exc}{hint}") from exc
         listener.setblocking(False)
         self._listener = listener
         self._waker = socket.socketpair()
@@ -367,7 +384,7 @@ class Relay:
                 sock.close()
         self.listen_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Relay":
+    def __enter__(self) -> "InProcessRelay":
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -380,37 +397,14 @@ class Relay:
             return len(self._links)
 
     def reset_connections(self) -> int:
-        """Break every open client connection (and its upstream) at once, like a network reset.
-
-        The listener stays up: a client that reconnects (python-pkcs11's
-        `reinitialize()`) gets through again. Returns how many links were cut.
-        """
+        """Break every open link now; see `Relay.reset_connections`."""
         return len(self._close_links())
 
     # -- faults ---------------------------------------------------------
 
     def fail(self, call: str | None, rv: int, count: int | None = None, *,
              forward: bool = True) -> None:
-        """Answer `call` with CK_RV `rv` instead of the token's reply.
-
-        `call` is a PKCS#11 function name ("C_Sign"), or "*"/None for every
-        call except C_Initialize and C_Finalize (see WILDCARD_EXEMPT); a rule
-        for a named call wins over "*". `count` is how many replies to
-        rewrite, None for every one until `clear()`. A new rule for the same
-        call replaces the old one.
-
-        `forward=True` sends the request on and replaces the reply: the token
-        did the work (a C_Sign signed, a C_Login logged in) but the client
-        hears `rv` -- a failure after the request reached the HSM.
-        `forward=False` answers from the relay: the token never sees the
-        request -- a failure before it reached the HSM. Use that for calls
-        that must not take effect (C_Login, C_SignInit, C_OpenSession); never
-        for a call inside an operation (C_Sign), which would leave the
-        operation active on the token.
-
-        Length queries (module docstring) always pass untouched and do not
-        use up `count`.
-        """
+        """Rewrite replies of `call` to `rv`; the rules are on `Relay.fail`."""
         key = self._rule_key(call)
         if count is not None and count < 1:
             raise RelayError(f"fail({call!r}, count={count}): count must be at least 1, or None")
@@ -428,11 +422,7 @@ class Relay:
                 self._faults.pop(self._rule_key(call), None)
 
     def calls_seen(self, call: str) -> int:
-        """Requests of `call` that reached the relay, on every connection, failed ones included.
-
-        Counts wire requests, not PKCS#11 calls: one python-pkcs11 `sign`
-        is one C_SignInit and two C_Sign (length query, then the real one).
-        """
+        """Requests of `call` seen on every connection; see `Relay.calls_seen`."""
         self._rule_key(call)
         with self._lock:
             return self._seen[call]
@@ -482,11 +472,11 @@ class Relay:
         return fault
 
     def _record(self, link: _Link, direction: str, frame: _Frame, call: str, rv: int | None) -> None:
-        if self.trace is None:
+        if self._trace is None:
             return
         entry = TraceEntry(link.number, direction, call, frame.signature, len(frame.data), rv)
         with self._lock:
-            self.trace.append(entry)
+            self._trace.append(entry)
 
     def _forget(self, link: _Link) -> None:
         with self._lock:
@@ -547,4 +537,287 @@ class Relay:
         with self._lock:
             rules = ", ".join(f"{c}->{f.rv:#x}" for c, f in self._faults.items()) or "none"
             links = len(self._links)
-        return f"<Relay {self.listen_path} -> {self.upstream_path}: {links} links, faults {rules}>"
+        return f"<InProcessRelay {self.listen_path} -> {self.upstream_path}: {links} links, faults {rules}>"
+
+
+class Relay:
+    """A transparent, scriptable relay to a p11-kit server, run in a child process.
+
+    `listen_path` is where clients connect (point them at `address`);
+    `upstream_path` is the server's socket. Every client connection gets its
+    own upstream connection, so the server forks its own child for it as it
+    would without the relay. Usage::
+
+        relay = Relay(tmp / "relay.sock", hsm.socket_path).start()
+        os.environ["P11_KIT_SERVER_ADDRESS"] = relay.address  # before loading the client
+        relay.fail("C_Sign", 0xE0)        # CKR_TOKEN_NOT_PRESENT until cleared
+        relay.fail("C_Login", 0xA0, count=1, forward=False)
+        relay.clear()
+        relay.calls_seen("C_Login")       # C_Login requests seen on the wire
+        relay.reset_connections()         # a network reset
+        relay.latency = 0.05              # seconds added to every reply
+        relay.stop()
+
+    Why a child process: python-pkcs11 holds the GIL during C_Finalize, so a
+    relay thread in the same interpreter deadlocks `lib.reinitialize()`
+    (see `InProcessRelay`). The child runs `InProcessRelay` and obeys
+    one-line JSON commands on its stdin; every method here returns once the
+    child has applied it, so a `fail()` is in force for the very next call.
+    The child runs in a process group of its own (like the lab's servers),
+    exits when its stdin closes, and so never outlives the test process.
+    """
+
+    def __init__(self, listen_path: Path | str, upstream_path: Path | str, *,
+                 latency: float = 0.0, trace: bool = False) -> None:
+        self.listen_path = Path(listen_path)
+        self.upstream_path = Path(upstream_path)
+        self._latency = latency
+        self._trace = trace
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._inbox = bytearray()
+        self._lock = threading.Lock()
+
+    @property
+    def address(self) -> str:
+        """Value for P11_KIT_SERVER_ADDRESS that points a client at this relay."""
+        return f"unix:path={self.listen_path.absolute()}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc else None
+
+    def start(self, timeout: float = 10.0) -> "Relay":
+        """Start the child and return once it listens on `listen_path` (a stale file there is replaced)."""
+        if self._proc is not None:
+            raise RelayError(f"relay on {self.listen_path} already started (pid {self._proc.pid})")
+        argv = [sys.executable, "-m", __name__, str(self.listen_path), str(self.upstream_path),
+                "--latency", repr(self._latency)] + (["--trace"] if self._trace else [])
+        package_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      env=env, start_new_session=True)
+        try:
+            self._receive(timeout)
+        except RelayError:
+            self._kill()
+            raise
+        return self
+
+    def stop(self, timeout: float = 1.0) -> None:
+        """Close the listener and every connection; the child is gone within `timeout` seconds.
+
+        Asks the child to stop cleanly, and kills its process group if it
+        has not exited by the deadline (the kernel then closes its sockets,
+        which is just as final for the clients).
+        """
+        if self._proc is None:
+            return
+        deadline = time.monotonic() + timeout
+        try:
+            self._command("stop", timeout=timeout * 0.9)
+            self._proc.wait(max(0.0, deadline - time.monotonic()))
+        except (RelayError, subprocess.TimeoutExpired):
+            pass
+        self._kill()
+        self.listen_path.unlink(missing_ok=True)
+
+    def __enter__(self) -> "Relay":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    @property
+    def latency(self) -> float:
+        """Seconds the relay waits before passing on each reply (not the handshake byte).
+
+        Applies to replies sent after it is set, on every connection; calls
+        already waiting keep the delay they started with.
+        """
+        return self._latency
+
+    @latency.setter
+    def latency(self, seconds: float) -> None:
+        if seconds < 0:
+            raise RelayError(f"latency {seconds!r}: must be zero or more seconds")
+        self._command("set_latency", seconds=float(seconds))
+        self._latency = float(seconds)
+
+    @property
+    def connections(self) -> int:
+        """Client connections currently open through the relay."""
+        return self._command("connections")
+
+    @property
+    def trace(self) -> list[TraceEntry]:
+        """Every frame seen so far, in order, if made with `trace=True` (else empty).
+
+        For debugging, and for checking CALL_IDS against live traffic.
+        """
+        return [TraceEntry(**entry) for entry in self._command("trace")]
+
+    def fail(self, call: str | None, rv: int, count: int | None = None, *,
+             forward: bool = True) -> None:
+        """Answer `call` with CK_RV `rv` instead of the token's reply.
+
+        `call` is a PKCS#11 function name ("C_Sign"), or "*"/None for every
+        call except C_Initialize and C_Finalize (WILDCARD_EXEMPT: failing
+        those breaks the client library, not a call; name them to fail them
+        anyway). A rule for a named call wins over "*". `count` is how many
+        replies to rewrite, None for every one until `clear()`. A new rule
+        for the same call replaces the old one.
+
+        `forward=True` sends the request on and replaces the reply: the
+        token did the work (a C_Sign signed, a C_Login logged in) but the
+        client hears `rv` -- a failure after the request reached the HSM.
+        `forward=False` answers from the relay: the token never sees the
+        request -- a failure before it reached the HSM. Use that for calls
+        that must not take effect (C_Login, C_SignInit, C_OpenSession);
+        never for a call inside an operation (C_Sign), which would leave the
+        operation active on the token.
+
+        Length queries (module docstring) always pass untouched and do not
+        use up `count`.
+        """
+        self._command("fail", call=call, rv=rv, count=count, forward=forward)
+
+    def clear(self, call: str | None = None) -> None:
+        """Stop rewriting: every rule, or only the rule for `call` ("*" for the wildcard rule)."""
+        self._command("clear", call=call)
+
+    def calls_seen(self, call: str) -> int:
+        """Requests of `call` that reached the relay, on every connection, failed ones included.
+
+        Counts wire requests, not PKCS#11 calls: one python-pkcs11 `sign` is
+        one C_SignInit and two C_Sign (the length query, then the real one).
+        """
+        return self._command("calls_seen", call=call)
+
+    def calls_failed(self, call: str) -> int:
+        """Replies of `call` the relay has replaced with an error so far."""
+        return self._command("calls_failed", call=call)
+
+    def reset_connections(self) -> int:
+        """Break every open client connection (and its upstream) at once, like a network reset.
+
+        The listener stays up: a client that reconnects (python-pkcs11's
+        `reinitialize()`) gets through again. Returns how many were cut.
+        """
+        return self._command("reset_connections")
+
+    # -- talking to the child -------------------------------------------
+
+    def _command(self, op: str, timeout: float = 10.0, **args: object) -> Any:
+        if self._proc is None:
+            raise RelayError(f"relay on {self.listen_path} is not running: call start() first")
+        with self._lock:
+            try:
+                assert self._proc.stdin is not None
+                self._proc.stdin.write(json.dumps({"op": op, "args": args}).encode() + b"\n")
+                self._proc.stdin.flush()
+            except OSError as exc:
+                raise RelayError(f"relay on {self.listen_path} is gone "
+                                 f"(exit status {self._proc.poll()}): {exc}") from exc
+            return self._receive(timeout)
+
+    def _receive(self, timeout: float) -> Any:
+        reply = json.loads(self._read_line(timeout))
+        if "error" in reply:
+            raise RelayError(reply["error"])
+        return reply["ok"]
+
+    def _read_line(self, timeout: float) -> bytes:
+        """One line from the child, or RelayError if it dies or stays silent for `timeout` seconds."""
+        assert self._proc is not None and self._proc.stdout is not None
+        fd = self._proc.stdout.fileno()
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self._inbox:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise RelayError(f"relay on {self.listen_path} did not answer within {timeout}s")
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                raise RelayError(f"relay on {self.listen_path} exited "
+                                 f"(status {self._proc.wait()}); its stderr says why")
+            self._inbox += chunk
+        line, _, rest = bytes(self._inbox).partition(b"\n")
+        self._inbox = bytearray(rest)
+        return line
+
+    def _kill(self) -> None:
+        if self._proc is None:
+            return
+        try:
+            os.killpg(self._proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self._proc.wait()
+        for pipe in (self._proc.stdin, self._proc.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+        self._proc = None
+
+    def __repr__(self) -> str:
+        state = f"pid {self.pid}" if self.running else "stopped"
+        return f"<Relay {self.listen_path} -> {self.upstream_path}: {state}>"
+
+
+# -- the child process ----------------------------------------------------
+
+_COMMANDS: dict[str, Callable[..., Any]] = {
+    "fail": lambda r, **a: r.fail(a["call"], a["rv"], a["count"], forward=a["forward"]),
+    "clear": lambda r, call: r.clear(call),
+    "calls_seen": lambda r, call: r.calls_seen(call),
+    "calls_failed": lambda r, call: r.calls_failed(call),
+    "reset_connections": lambda r: r.reset_connections(),
+    "set_latency": lambda r, seconds: setattr(r, "latency", seconds),
+    "connections": lambda r: r.connections,
+    "trace": lambda r: [dataclasses.asdict(entry) for entry in r.trace],
+    "stop": lambda r: r.stop(),
+}
+
+
+def _answer(**reply: Any) -> None:
+    sys.stdout.write(json.dumps(reply) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run an InProcessRelay and obey the JSON commands of `Relay` on stdin until stop or EOF."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("listen_path", type=Path)
+    parser.add_argument("upstream_path", type=Path)
+    parser.add_argument("--latency", type=float, default=0.0)
+    parser.add_argument("--trace", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        relay = InProcessRelay(args.listen_path, args.upstream_path,
+                               latency=args.latency, trace=args.trace).start()
+    except RelayError as exc:
+        _answer(error=str(exc))
+        return 1
+    _answer(ok=relay.address)
+    try:
+        for line in sys.stdin:
+            request = json.loads(line)
+            try:
+                _answer(ok=_COMMANDS[request["op"]](relay, **request["args"]))
+            except (RelayError, KeyError, TypeError, ValueError) as exc:
+                _answer(error=f"{request.get('op')}: {exc}")
+            if request["op"] == "stop":
+                return 0
+    finally:
+        relay.stop()  # stdin closed: the parent is gone
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

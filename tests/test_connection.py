@@ -1,0 +1,211 @@
+"""SlotConnection on real tokens: network HSMs killed, hung and restarted; wrong PINs; threads.
+
+Each test starts its own `p11-kit server` (tests/conftest.py) and verifies
+every signature with the public key, outside the HSM.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+import hsmfsm
+from hsmfsm import CallTimeout, LoginRejected, SlotConnection
+from conftest import sign_ec, verify, wait_for
+
+
+def connect(client_module, network_hsm, pin, policy, recorder=None, name="hsm-a", **kw) -> SlotConnection:
+    conn = SlotConnection(module=client_module, token_label=network_hsm.token.label, pin=pin,
+                          policy=policy, name=name, env=network_hsm.client_env, **kw)
+    if recorder is not None:
+        conn.add_listener(recorder)
+    return conn
+
+
+def test_killed_network_hsm_recovers_on_next_sign(client_module, network_hsm, pin_env, fast_policy, recorder):
+    network_hsm.start()
+    with connect(client_module, network_hsm, pin_env, fast_policy(), recorder, probe=False) as conn:
+        assert conn.state == "logged_in"
+        before = conn.generation
+        verify(network_hsm.token, "ec", b"one", sign_ec(conn, b"one"))
+        network_hsm.kill()
+        network_hsm.start()
+        t0 = time.monotonic()
+        sig = conn.sign("rsa", b"after restart", mechanism="SHA256_RSA_PKCS")
+        assert time.monotonic() - t0 < conn.policy.operations.deadline
+        verify(network_hsm.token, "rsa", b"after restart", sig)
+        assert conn.state == "logged_in"
+        assert conn.generation > before
+    lost = [r for r in recorder.records if r.event == "connection_lost"]
+    assert lost and lost[0].code_name == "CKR_DEVICE_ERROR" and lost[0].code_value == 0x30
+    assert lost[0].member == "hsm-a" and lost[0].source == "logged_in"
+
+
+def test_server_down_at_start_keeps_retrying_until_it_appears(client_module, network_hsm, pin_env,
+                                                              fast_policy, recorder):
+    conn = connect(client_module, network_hsm, pin_env, fast_policy(backoff_max=0.3), recorder)
+    try:
+        conn.open(wait=0.5)  # the HSM is down: no error, the supervisor keeps trying
+        assert conn.state in ("disconnected", "connecting")
+        failures = [r for r in recorder.records if r.event == "connect_failed"]
+        assert len(failures) >= 3
+        assert failures[0].code_name == "HSMFSM_NO_SUCH_TOKEN"  # the silent empty slot list (FACTS)
+        assert [r.attempt for r in failures[:3]] == [1, 2, 3]
+        times = [r.time for r in recorder.records if r.event == "connect"]
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        assert gaps[-1] > gaps[0]  # backing off, not spinning
+        network_hsm.start()
+        assert wait_for(lambda: conn.state == "logged_in", 3.0)
+        verify(network_hsm.token, "ec", b"late", sign_ec(conn, b"late"))
+    finally:
+        conn.close()
+
+
+def test_hung_hsm_times_out_naming_the_member_then_recovers(client_module, network_hsm, pin_env, fast_policy):
+    network_hsm.start()
+    policy = fast_policy(call_timeout=1.0)
+    with connect(client_module, network_hsm, pin_env, policy, probe=False) as conn:
+        sign_ec(conn, b"warm")
+        network_hsm.hang()
+        try:
+            t0 = time.monotonic()
+            with pytest.raises(CallTimeout) as info:
+                sign_ec(conn, b"stuck")
+            elapsed = time.monotonic() - t0
+            assert elapsed < 1.0 + 0.5, elapsed
+            assert "hsm-a" in str(info.value) and "HSMFSM_CALL_TIMEOUT" in str(info.value)
+            assert conn.state != "logged_in"
+        finally:
+            network_hsm.resume()
+        assert wait_for(lambda: conn.state == "logged_in", 5.0)
+        verify(network_hsm.token, "ec", b"back", sign_ec(conn, b"back"))
+
+
+def test_hung_hsm_restarted_instead_of_resumed(client_module, network_hsm, pin_env, fast_policy):
+    network_hsm.start()
+    with connect(client_module, network_hsm, pin_env, fast_policy(call_timeout=0.5), probe=False) as conn:
+        sign_ec(conn, b"warm")
+        network_hsm.hang()
+        with pytest.raises(CallTimeout):
+            sign_ec(conn, b"stuck")
+        network_hsm.restart()
+        assert wait_for(lambda: conn.state == "logged_in", 5.0)
+        verify(network_hsm.token, "ec", b"back", sign_ec(conn, b"back"))
+
+
+def test_idle_connection_recovered_by_the_probe_alone(client_module, network_hsm, pin_env, fast_policy, recorder):
+    network_hsm.start()
+    with connect(client_module, network_hsm, pin_env, fast_policy(probe_interval=0.1), recorder) as conn:
+        assert conn.login_attempts == 1
+        network_hsm.kill()
+        assert wait_for(lambda: conn.state != "logged_in", 2.0)
+        network_hsm.start()
+        assert wait_for(lambda: conn.state == "logged_in", 5.0)  # no call was made meanwhile
+        assert conn.login_attempts == 2
+        sources = [(r.source, r.event) for r in recorder.records]
+        assert ("logged_in", "connection_lost") in sources
+        assert sources[-1] == ("open", "login_ok")
+        verify(network_hsm.token, "rsa", b"idle", conn.sign("rsa", b"idle", mechanism="SHA256_RSA_PKCS"))
+
+
+def test_wrong_pin_is_tried_exactly_once(client_module, network_hsm, fast_policy, recorder, monkeypatch):
+    from hsmfsm.lab.relay import Relay
+
+    network_hsm.start()
+    relay = Relay(listen_path=network_hsm.socket_path.with_name("relay.sock"),
+                  upstream_path=network_hsm.socket_path).start()
+    monkeypatch.setenv("WRONG_PIN", "999999")
+    try:
+        conn = SlotConnection(module=client_module, token_label=network_hsm.token.label, pin="env:WRONG_PIN",
+                              policy=fast_policy(probe_interval=0.05), name="hsm-a",
+                              env={"P11_KIT_SERVER_ADDRESS": relay.address})
+        conn.add_listener(recorder)
+        with pytest.raises(LoginRejected) as info:
+            conn.open()
+        time.sleep(1.0)  # many probe intervals and backoff periods: nothing may try again
+        assert conn.state == "failed"
+        assert conn.login_attempts == 1
+        assert relay.calls_seen("C_Login") == 1  # counted on the wire, not just by us
+        assert "CKR_PIN_INCORRECT" in str(info.value) and "hsm-a" in str(info.value)
+        assert "999999" not in str(info.value) and "999999" not in repr(conn)
+        with pytest.raises(LoginRejected):
+            sign_ec(conn, b"refused")
+        assert relay.calls_seen("C_Login") == 1
+        assert recorder.events()[-1] == ("open", "fatal", "failed")
+        assert all("999999" not in str(r) for r in recorder.records)
+        conn.close()
+    finally:
+        relay.stop()
+
+
+def test_four_threads_on_in_process_softhsm_never_crash(token, softhsm_module, pin_env, tmp_path):
+    """FACTS: in-process SoftHSM initialised with NULL crashes under two threads. hsmfsm
+    initialises it with CKF_OS_LOCKING_OK; this must run clean for 10 s."""
+    replica = token.replicate(tmp_path / "inproc")
+    conn = SlotConnection(module=softhsm_module, token_label=token.label, pin=pin_env,
+                          name="inproc", env=replica.env)
+    counts = [0] * 4
+    errors: list[BaseException] = []
+    stop = time.monotonic() + 10.0
+
+    def worker(i: int) -> None:
+        try:
+            while time.monotonic() < stop:
+                data = f"{i}-{counts[i]}".encode()
+                if counts[i] % 2:
+                    verify(replica, "ec", data, sign_ec(conn, data))
+                else:
+                    verify(replica, "rsa", data, conn.sign("rsa", data, mechanism="SHA256_RSA_PKCS"))
+                counts[i] += 1
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    with conn:
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert conn.state == "logged_in"
+    assert not errors, errors[:3]
+    assert all(c > 50 for c in counts), counts
+
+
+def test_two_network_hsms_in_one_process_fail_independently(client_module, token, tmp_path, pin_env, fast_policy):
+    from hsmfsm.lab import NetworkHSM
+
+    a = NetworkHSM(token.replicate(tmp_path / "a"), tmp_path / "a.sock").start()
+    b = NetworkHSM(token.replicate(tmp_path / "b"), tmp_path / "b.sock").start()
+    try:
+        with connect(client_module, a, pin_env, fast_policy(deadline=1.5), name="hsm-a", probe=False) as ca, \
+                connect(client_module, b, pin_env, fast_policy(), name="hsm-b", probe=False) as cb:
+            sign_ec(ca, b"a"), sign_ec(cb, b"b")
+            gen_b = cb.generation
+            a.kill()
+            verify(b.token, "ec", b"b2", sign_ec(cb, b"b2"))  # b is untouched by a's death
+            with pytest.raises(hsmfsm.HSMError):
+                sign_ec(ca, b"a2")  # a is dead and stays dead: the deadline passes
+            assert cb.generation == gen_b and cb.state == "logged_in"
+            a.start()
+            verify(a.token, "ec", b"a3", sign_ec(ca, b"a3"))
+            verify(b.token, "ec", b"b3", sign_ec(cb, b"b3"))
+            assert cb.generation == gen_b
+    finally:
+        a.kill()
+        b.kill()
+
+
+def test_stale_sessions_are_never_reused_after_reconnect(client_module, network_hsm, pin_env, fast_policy):
+    network_hsm.start()
+    with connect(client_module, network_hsm, pin_env, fast_policy(), probe=False) as conn:
+        sign_ec(conn, b"x")
+        old = conn._g
+        old_sessions = [lease.session for lease in old.leases]
+        network_hsm.restart()
+        sign_ec(conn, b"y")
+        new = conn._g
+        assert new is not old and new.number > old.number
+        assert all(lease.g is new for lease in new.idle)
+        assert not any(lease.session is s for lease in new.leases for s in old_sessions)
