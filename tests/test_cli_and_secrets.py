@@ -1,0 +1,86 @@
+"""`hsmfsm check` from the command line, PIN sources, and the demo's entry point."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hsmfsm.pin import PinError, PinSource
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def hsmfsm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hsmfsm.cli", *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+
+
+BROKEN = {
+    "syntax": ("version: 1\nname: x\nconnect: max_attempts: 3\nprobe:\n  interval: 1s\n", 3, "(yaml)"),
+    "unknown-field": ("extends: default\nname: x\noperations:\n  colour: red\n", 4, "operations.colour"),
+    "wrong-type": ("extends: default\nname: x\noperations:\n  max_reissues: lots\n", 4,
+                   "operations.max_reissues"),
+    "out-of-range": ("extends: default\nname: x\noperations:\n  max_reissues: 1000\n", 4,
+                     "operations.max_reissues"),
+    "unknown-ckr": ("extends: default\nname: x\ncodes:\n  CKR_DEVICE_EROR: transport\n", 4,
+                    "codes.CKR_DEVICE_EROR"),
+    "unknown-event": ("extends: default\nname: x\nclasses:\n  transport:\n    event: reconnect\n", 5,
+                      "classes.transport.event"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(BROKEN))
+def test_check_names_file_line_and_field_and_exits_2(tmp_path, kind):
+    text, line, field = BROKEN[kind]
+    path = tmp_path / f"{kind}.yaml"
+    path.write_text(text)
+    proc = hsmfsm("check", str(path))
+    assert proc.returncode == 2, proc
+    assert "Traceback" not in proc.stderr + proc.stdout
+    out = proc.stdout + proc.stderr
+    assert re.search(rf"{re.escape(str(path))}:{line}: {re.escape(field)}:", out), out
+
+
+def test_check_accepts_the_shipped_policies():
+    proc = hsmfsm("check", "policies/default.yaml", "policies/network-hsm.yaml")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("OK") == 2
+
+
+def test_pin_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOME_PIN", "4321")
+    assert PinSource("env:SOME_PIN").read() == "4321"
+    assert PinSource(lambda: "1111").read() == "1111"
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("2468\n")
+    pin_file.chmod(0o600)
+    assert PinSource(f"file:{pin_file}").read() == "2468"
+    pin_file.chmod(0o640)
+    with pytest.raises(PinError, match="readable by group or others"):
+        PinSource(f"file:{pin_file}").read()
+    with pytest.raises(PinError, match="literal PIN"):
+        PinSource("2468")
+    monkeypatch.delenv("SOME_PIN")
+    with pytest.raises(PinError, match="SOME_PIN is not set"):
+        PinSource("env:SOME_PIN").read()
+    assert "2468" not in repr(PinSource(f"file:{pin_file}")) and "1111" not in repr(PinSource(lambda: "1111"))
+
+
+def test_demo_entry_point_runs_clean_and_leaves_no_process():
+    proc = hsmfsm("demo", "--speed", "0.6", timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    out = proc.stdout
+    assert re.search(r"wrong signatures\s+: 0\b", out)
+    assert re.search(r"final state\s+: logged_in", out)
+    assert "on connection_lost  CKR_DEVICE_ERROR" in out
+    assert "recovered with no call made" in out and "state before signing again: logged_in" in out
+    made = int(re.search(r"signatures made and verified : (\d+)", out).group(1))
+    assert made > 100
+    pid = int(re.search(r"p11-kit server pid (\d+)", out).group(1))
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)
