@@ -51,6 +51,69 @@ def _raw_session(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path):
     return lib.get_token(token_label=token.label).open(user_pin=token.pin)
 
 
+_CASES = {
+    "RSA-2048 SHA256_RSA_PKCS": ("rsa", _DATA, pkcs11.Mechanism.SHA256_RSA_PKCS),
+    "ECDSA P-256 (prehashed)": ("ec", _DIGEST, pkcs11.Mechanism.ECDSA),
+}
+
+
+def _alternate(raw: Callable[[], float], managed: Callable[[], float], rounds: int) -> dict[str, float]:
+    """Alternate which side goes first, so drift on a noisy machine hits both alike."""
+    raws, mans, ratios = [], [], []
+    for r in range(rounds):
+        if r % 2 == 0:
+            rr, mm = raw(), managed()
+        else:
+            mm, rr = managed(), raw()
+        raws.append(rr)
+        mans.append(mm)
+        ratios.append(mm / rr)
+    return {"raw": statistics.median(raws), "managed": statistics.median(mans), "ratio": statistics.median(ratios)}
+
+
+def _row(case: str, fig: dict[str, float], out: TextIO) -> None:
+    print(f"{case:28} {fig['raw']:10.0f} {fig['managed']:14.0f} {fig['ratio']:12.3f}", file=out)
+
+
+_WORKER = r"""
+import os, sys, time, pkcs11
+from hsmfsm.bench import _CASES, _rate
+from hsmfsm.lab import find_module
+kind, case, seconds, label, pin = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
+key_label, data, mech = _CASES[case]
+if kind == "raw":
+    s = pkcs11.lib(find_module("softhsm")).get_token(token_label=label).open(user_pin=pin)
+    key = s.get_key(label=key_label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
+    fn = lambda: key.sign(data, mechanism=mech)
+else:
+    from hsmfsm import SlotConnection, load_policy
+    conn = SlotConnection(find_module("softhsm"), label, lambda: pin, load_policy("default"), name="bench",
+                          env={"SOFTHSM2_CONF": os.environ["SOFTHSM2_CONF"]}).open()
+    fn = lambda: conn.sign(key_label, data, mechanism=mech)
+fn()
+print(_rate(fn, seconds))
+"""
+
+
+def _in_process(token: SoftHSMToken, rounds: int, seconds: float, out: TextIO) -> dict[str, dict[str, float]]:
+    """In-process SoftHSM is one instance per process, so each side runs in a worker process."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, **token.env}
+
+    def worker(kind: str, case: str) -> float:
+        proc = subprocess.run([sys.executable, "-c", _WORKER, kind, case, str(seconds), token.label, token.pin],
+                              env=env, capture_output=True, text=True, timeout=60, check=True)
+        return float(proc.stdout.strip().splitlines()[-1])
+
+    results = {}
+    for case in _CASES:
+        results[case] = fig = _alternate(lambda: worker("raw", case), lambda: worker("managed", case), rounds)
+        _row(case, fig, out)
+    return results
+
+
 def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dict[str, dict[str, float]]:
     """Run the benchmark and print a table; returns the figures."""
     import sys
@@ -67,28 +130,21 @@ def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dic
             conn = SlotConnection(find_module("p11-kit-client"), token.label, "env:HSMFSM_BENCH_PIN",
                                   load_policy("network-hsm"), name="bench", env=hsm.client_env)
             with conn:
-                cases = {
-                    "RSA-2048 SHA256_RSA_PKCS": ("rsa", _DATA, pkcs11.Mechanism.SHA256_RSA_PKCS),
-                    "ECDSA P-256 (prehashed)": ("ec", _DIGEST, pkcs11.Mechanism.ECDSA),
-                }
-                print(f"hsmfsm bench: {rounds} alternating rounds of {seconds:g}s, one thread, "
-                      f"SoftHSM behind p11-kit server", file=out)
+                print(f"hsmfsm bench: median of {rounds} alternating rounds of {seconds:g}s, one thread", file=out)
                 print(f"{'case':28} {'raw ops/s':>10} {'managed ops/s':>14} {'managed/raw':>12}", file=out)
-                for case, (label, data, mech) in cases.items():
+                print("-- network HSM: SoftHSM behind p11-kit server, both sides in this process", file=out)
+                for case, (label, data, mech) in _CASES.items():
                     key = session.get_key(label=label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
                     raw = lambda: key.sign(data, mechanism=mech)  # noqa: E731
                     managed = lambda: conn.sign(label, data, mechanism=mech)  # noqa: E731
                     raw(), managed()  # warm up: key lookups, sessions
-                    raws, mans, ratios = [], [], []
-                    for r in range(rounds):
-                        first, second = (raw, managed) if r % 2 == 0 else (managed, raw)
-                        a, b = _rate(first, seconds), _rate(second, seconds)
-                        rr, mm = (a, b) if r % 2 == 0 else (b, a)
-                        raws.append(rr), mans.append(mm), ratios.append(mm / rr)
-                    fig = {"raw": statistics.median(raws), "managed": statistics.median(mans),
-                           "ratio": statistics.median(ratios)}
-                    results[case] = fig
-                    print(f"{case:28} {fig['raw']:10.0f} {fig['managed']:14.0f} {fig['ratio']:12.3f}", file=out)
+                    fig = _alternate(lambda: _rate(raw, seconds), lambda: _rate(managed, seconds), rounds)
+                    results[f"network {case}"] = fig
+                    _row(case, fig, out)
+            print("-- in-process SoftHSM: each side in a worker process (managed runs with OS locking on)",
+                  file=out)
+            for case, fig in _in_process(token, rounds, seconds, out).items():
+                results[f"in-process {case}"] = fig
         finally:
             hsm.kill()
     return results
