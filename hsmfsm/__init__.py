@@ -14,10 +14,7 @@ from .connection import SlotConnection
 from .errors import CallTimeout, HSMError, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
 from .pin import PinError
 from .policy import Policy, PolicyError
-try:
-    from .policy_loader import load_policy
-except ImportError:  # pragma: no cover - while the loader is being written
-    pass
+from .policy_loader import load_policy
 from .records import TransitionRecord
 from .states import Event, IllegalTransition, State
 

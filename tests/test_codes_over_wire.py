@@ -116,3 +116,49 @@ def test_locked_pin_on_login_is_fatal_after_one_attempt(client_module, relayed, 
         assert conn.state == "failed" and relay.calls_seen("C_Login") == 1
     finally:
         conn.close()
+
+
+def test_slow_calls_enter_degraded_and_healthy_calls_leave_it(client_module, relayed, pin_env, fast_policy):
+    hsm, relay = relayed
+    base = fast_policy()
+    policy = dataclasses.replace(base, degraded=dataclasses.replace(
+        base.degraded, slow_call=0.05, enter_after=3, leave_after=3))
+    conn, rec = open_conn(client_module, hsm, relay, pin_env, policy)
+    try:
+        sign_ec(conn, b"warm")
+        relay.latency = 0.03  # per reply; a sign is three round trips
+        for i in range(3):
+            verify(hsm.token, "ec", b"slow%d" % i, sign_ec(conn, b"slow%d" % i))
+        assert conn.state == "degraded"  # still serving, but impaired
+        relay.latency = 0.0
+        for i in range(2):
+            sign_ec(conn, b"fast%d" % i)
+        assert conn.state == "degraded"
+        sign_ec(conn, b"fast-last")
+        assert conn.state == "logged_in"
+        assert [e for e in rec.events() if e[1] in ("impaired", "healthy")] == [
+            ("logged_in", "impaired", "degraded"), ("degraded", "healthy", "logged_in")]
+    finally:
+        conn.close()
+
+
+def test_key_generation_is_never_reissued_after_it_may_have_reached_the_hsm(client_module, relayed, pin_env,
+                                                                            fast_policy):
+    import pkcs11
+
+    from hsmfsm import OutcomeUnknown
+
+    hsm, relay = relayed
+    conn, rec = open_conn(client_module, hsm, relay, pin_env, fast_policy())
+    try:
+        sign_ec(conn, b"warm")
+        relay.fail("C_GenerateKeyPair", 0x30, count=1)  # forwarded: the token really made the key
+        with pytest.raises(OutcomeUnknown) as info:
+            conn.generate_keypair(pkcs11.KeyType.RSA, 1024, label="maybe-made")
+        assert "outcome is unknown" in str(info.value) and "hsm-a" in str(info.value)
+        assert relay.calls_seen("C_GenerateKeyPair") == 1
+        assert ("logged_in", "connection_lost", "disconnected") in rec.events()
+        sign_ec(conn, b"after")  # the connection itself recovers; only the key generation is not repeated
+        assert relay.calls_seen("C_GenerateKeyPair") == 1
+    finally:
+        conn.close()

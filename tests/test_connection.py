@@ -110,9 +110,12 @@ def test_idle_connection_recovered_by_the_probe_alone(client_module, network_hsm
         verify(network_hsm.token, "rsa", b"idle", conn.sign("rsa", b"idle", mechanism="SHA256_RSA_PKCS"))
 
 
-def test_wrong_pin_is_tried_exactly_once(client_module, network_hsm, fast_policy, recorder, monkeypatch):
+def test_wrong_pin_is_tried_exactly_once(client_module, network_hsm, fast_policy, recorder, monkeypatch, caplog):
+    import logging
+
     from hsmfsm.lab.relay import Relay
 
+    caplog.set_level(logging.DEBUG)
     network_hsm.start()
     relay = Relay(listen_path=network_hsm.socket_path.with_name("relay.sock"),
                   upstream_path=network_hsm.socket_path).start()
@@ -136,6 +139,8 @@ def test_wrong_pin_is_tried_exactly_once(client_module, network_hsm, fast_policy
         assert recorder.events()[-1] == ("open", "fatal", "failed")
         assert all("999999" not in str(r) for r in recorder.records)
         conn.close()
+        assert "CKR_PIN_INCORRECT" in caplog.text  # the logs say what happened...
+        assert "999999" not in caplog.text  # ...and never with what PIN
     finally:
         relay.stop()
 
