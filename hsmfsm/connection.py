@@ -79,6 +79,18 @@ class _CallSlot:
         self.timed_out = False
 
 
+class _Busy(PKCS11Error):
+    """The module's call lock stayed taken for a whole call timeout (a caller hangs in it)."""
+
+
+class _OpenFailed(Exception):
+    """Opening a session for a caller failed; carries whether the watchdog cut it off."""
+
+    def __init__(self, error: PKCS11Error, timed_out: bool) -> None:
+        super().__init__(error)
+        self.error, self.timed_out = error, timed_out
+
+
 class _Lease(_CallSlot):
     """A session of one generation, leased by one caller at a time, with its key cache."""
 
@@ -141,7 +153,11 @@ class SlotConnection:
         self._supervisor: threading.Thread | None = None
         self._probe_enabled = probe
         self._closing = False
-        self._call_lock: threading.Lock | None = None
+        #: Serialises calls into modules that are unsafe for concurrent callers. p11-kit-client
+        #: is one: when a call fails, it closes its socket while another thread may be about to
+        #: read that fd number, which a new socket may reuse (measured: a probe thread wedged
+        #: for good). It serves one request at a time per connection anyway (FACTS).
+        self._call_lock: threading.Lock | None = threading.Lock() if self._module.can_cut_off else None
         self._failure: Exception | None = None
         self.last_code: Code | None = None
         #: C_Login calls made, ever: auditors and tests count them (a wrong PIN is tried once).
@@ -196,7 +212,10 @@ class SlotConnection:
         if supervisor is not None:
             supervisor.join(self._timeout + 1.0)
         if self._drain(self._timeout) or self._module.cut_off():
-            self._watched(self._module.finalize)
+            try:
+                self._watched(self._module.finalize)
+            except _Busy:
+                log.warning("%s: closed without C_Finalize: a call is still stuck in the module", self.name)
         WATCHDOG.unregister(self)
 
     def __enter__(self) -> "SlotConnection":
@@ -257,66 +276,73 @@ class SlotConnection:
             try:
                 lease = g.idle.pop()
             except IndexError:
-                lease = self._new_lease(g, op, started)
+                try:
+                    lease = self._new_lease(g)
+                except _OpenFailed as failure:  # nothing of ``op`` was sent: even a non-idempotent call may go again
+                    reissues = self._after_error(op, g, failure.error, failure.timed_out, reissues, started, sent=False)
+                    continue
                 if lease is None:
                     continue
             if g is not self._g:  # retired between the read and the pop: never use it
                 g.idle.append(lease)
                 continue
+            lock = self._call_lock
+            if lock is not None:
+                lock.acquire()  # the watchdog's clock starts inside: waiting here is not the HSM's fault
             lease.started = t0 = _now()
             try:
                 target = lease.session if label is None else (
                     lease.keys.get((label, klass)) or self._find_key(lease, label, klass))
-                if self._call_lock is None:
-                    result = call(target, *args)
-                else:
-                    with self._call_lock:
-                        result = call(target, *args)
+                result = call(target, *args)
             except PKCS11Error as exc:
                 timed_out = lease.timed_out
                 lease.started, lease.timed_out = 0.0, False
+                if lock is not None:
+                    lock.release()
                 g.idle.append(lease)
                 reissues = self._after_error(op, g, exc, timed_out, reissues, started)
                 continue
+            except BaseException:
+                lease.started = 0.0
+                if lock is not None:
+                    lock.release()
+                g.idle.append(lease)
+                raise
             elapsed = _now() - t0
             lease.started, lease.timed_out = 0.0, False
+            if lock is not None:
+                lock.release()
             g.idle.append(lease)
             if elapsed > self._slow or not self._health.quiet:
                 self._after_success(g, elapsed)
             return result
 
     def _find_key(self, lease: _Lease, label: str, klass: ObjectClass) -> Any:
-        if self._call_lock is None:
-            key = _find_one(lease.session, label, klass)
-        else:
-            with self._call_lock:
-                key = _find_one(lease.session, label, klass)
-        lease.keys[(label, klass)] = key
+        """Called inside the call path (and its module lock, if any)."""
+        key = lease.keys[(label, klass)] = _find_one(lease.session, label, klass)
         return key
 
-    def _new_lease(self, g: _Generation, op: str, started: float) -> _Lease | None:
+    def _new_lease(self, g: _Generation) -> _Lease | None:
         """Open one more session (no PIN: login is per application, FACTS) for a caller."""
         lease = _Lease(g)
         with self._lock:
             if g is not self._g or not g.ready:
                 return None
             g.leases.append(lease)  # counted before the open, so a drain waits for it
-        lease.started = _now()
         try:
             if self._call_lock is None:
+                lease.started = _now()
                 lease.session = g.token.open(rw=True)
             else:
                 with self._call_lock:
+                    lease.started = _now()
                     lease.session = g.token.open(rw=True)
         except PKCS11Error as exc:
-            timed_out = lease.timed_out
-            lease.started = 0.0
             with self._lock:
                 g.leases.remove(lease)
-            # Nothing of ``op`` was sent yet, so even a non-idempotent call may go again.
-            self._after_error(op, g, exc, timed_out, 0, started, sent=False)
-            return None
-        lease.started = 0.0
+            raise _OpenFailed(exc, lease.timed_out) from exc
+        finally:
+            lease.started = 0.0
         return lease
 
     def _after_error(self, op: str, g: _Generation, exc: PKCS11Error, timed_out: bool,
@@ -460,25 +486,39 @@ class SlotConnection:
             self._login()
 
     def _watched(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run one supervisor PKCS#11 call under the watchdog and the module's call lock."""
+        """Run one supervisor PKCS#11 call under the watchdog and the module's call lock.
+
+        The lock is taken with the call timeout: a caller stuck in a hung call holds it
+        until the watchdog cuts that call off, and the supervisor must not hang behind it.
+        """
         slot = self._supervisor_slot
+        lock = self._call_lock
+        if lock is not None and not lock.acquire(timeout=self._timeout):
+            slot.timed_out = True
+            raise _Busy()
         slot.started, slot.timed_out = _now(), False
         try:
-            if self._call_lock is None:
-                return fn(*args)
-            with self._call_lock:
-                return fn(*args)
+            return fn(*args)
         finally:
             slot.started = 0.0
+            if lock is not None:
+                lock.release()
 
     def _drain(self, timeout: float) -> bool:
-        """Wait until no lease of a retired generation is in use; then they can be forgotten."""
+        """Wait until no lease of a retired generation is in use; then they can be forgotten.
+
+        Only the generations seen at the start are forgotten: one retired meanwhile
+        (the watchdog may fire during an attempt) waits for the next drain.
+        """
+        with self._lock:
+            pending = list(self._retired)
         deadline = _now() + timeout
-        while not all(g.drained() for g in self._retired):
+        while not all(g.drained() for g in pending):
             if _now() > deadline:
                 return False
             time.sleep(0.002)
-        self._retired.clear()
+        with self._lock:
+            self._retired = [g for g in self._retired if g not in pending]
         return True
 
     def _establish(self, reinitialize: bool) -> None:
@@ -491,7 +531,8 @@ class SlotConnection:
         try:
             if reinitialize or not self._module.initialized:
                 code = self._watched(self._module.initialize)
-                self._call_lock = None if self._module.parallel else threading.Lock()
+                if not self._module.parallel and self._call_lock is None:
+                    self._call_lock = threading.Lock()  # refused OS locking: no session exists yet
                 if code != CKR_OK:
                     self._attempt_failed(code, "C_Initialize failed")
                     return
@@ -537,8 +578,12 @@ class SlotConnection:
                 self._fire_if_legal(Event.FATAL, None)
             return
         self.login_attempts += 1
-        code = self._watched(self._module.login, g.anchor.handle, pin)
-        del pin
+        try:
+            code = self._watched(self._module.login, g.anchor.handle, pin)
+        except _Busy:
+            code = CALL_TIMEOUT
+        finally:
+            del pin
         if self._supervisor_slot.timed_out:
             code = CALL_TIMEOUT
         with self._lock:
