@@ -214,3 +214,51 @@ def test_stale_sessions_are_never_reused_after_reconnect(client_module, network_
         assert new is not old and new.number > old.number
         assert all(lease.g is new for lease in new.idle)
         assert not any(lease.session is s for lease in new.leases for s in old_sessions)
+
+
+def test_four_threads_through_a_network_hsm_that_dies_and_hangs(client_module, network_hsm, pin_env, fast_policy):
+    """Many callers inside one p11-kit-client instance while it fails: nobody wedges, nothing is wrong."""
+    network_hsm.start()
+    conn = connect(client_module, network_hsm, pin_env, fast_policy(call_timeout=0.5, probe_interval=0.05))
+    ok = [0] * 4
+    failures: list[BaseException] = []
+    unexpected: list[BaseException] = []
+    stop = threading.Event()
+
+    def worker(i: int) -> None:
+        n = 0
+        while not stop.is_set():
+            data = f"{i}-{n}".encode()
+            n += 1
+            try:
+                verify(network_hsm.token, "ec", data, sign_ec(conn, data))
+                ok[i] += 1
+            except hsmfsm.HSMError as exc:
+                failures.append(exc)
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                unexpected.append(exc)
+
+    with conn:
+        threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(4)]
+        for t in threads:
+            t.start()
+        for _ in range(2):
+            time.sleep(0.4)
+            network_hsm.kill()
+            time.sleep(0.2)
+            network_hsm.start()
+            time.sleep(0.4)
+            network_hsm.hang()
+            time.sleep(0.8)
+            network_hsm.resume()
+        time.sleep(0.5)
+        before = list(ok)
+        time.sleep(0.5)
+        stop.set()
+        for t in threads:
+            t.join(10)
+        assert not any(t.is_alive() for t in threads), "a caller is wedged"
+        assert conn.state == "logged_in"
+    assert not unexpected, unexpected[:3]
+    assert all(a > b for a, b in zip(ok, before)), (before, ok)  # every thread signs again at the end
+    assert all(isinstance(f, (hsmfsm.CallTimeout, hsmfsm.MemberUnavailable)) for f in failures), failures[:3]
