@@ -19,6 +19,7 @@ import pkcs11
 
 from .connection import SlotConnection
 from .lab import NetworkHSM, SoftHSMToken, find_module
+from .lab.hsm import load_raw_client
 from .policy_loader import load_policy
 
 _DATA = b"hsmfsm benchmark payload" * 4
@@ -35,20 +36,9 @@ def _rate(fn: Callable[[], object], seconds: float) -> float:
     return n / seconds
 
 
-def _raw_session(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path):
+def _raw_session(token: SoftHSMToken, hsm: NetworkHSM):
     """A plain python-pkcs11 session on its own client instance (own socket to the server)."""
-    link = workdir / "raw-client.so"
-    link.symlink_to(find_module("p11-kit-client"))
-    saved = os.environ.get("P11_KIT_SERVER_ADDRESS")
-    os.environ["P11_KIT_SERVER_ADDRESS"] = hsm.address
-    try:
-        lib = pkcs11.lib(str(link))
-    finally:
-        if saved is None:
-            os.environ.pop("P11_KIT_SERVER_ADDRESS", None)
-        else:
-            os.environ["P11_KIT_SERVER_ADDRESS"] = saved
-    return lib.get_token(token_label=token.label).open(user_pin=token.pin)
+    return load_raw_client(hsm.address, "bench-raw").get_token(token_label=token.label).open(user_pin=token.pin)
 
 
 _CASES = {
@@ -126,7 +116,7 @@ def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dic
         hsm = NetworkHSM(token, workdir / "hsm.sock").start()
         os.environ["HSMFSM_BENCH_PIN"] = token.pin
         try:
-            session = _raw_session(token, hsm, workdir)
+            session = _raw_session(token, hsm)
             conn = SlotConnection(find_module("p11-kit-client"), token.label, "env:HSMFSM_BENCH_PIN",
                                   load_policy("network-hsm"), name="bench", env=hsm.client_env)
             with conn:

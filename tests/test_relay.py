@@ -14,7 +14,6 @@ import socket
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from pkcs11.exceptions import (
     UserAlreadyLoggedIn,
 )
 
+from hsmfsm.lab.hsm import load_raw_client
 from hsmfsm.lab import NetworkHSM, SoftHSMToken, find_module
 from hsmfsm.lab.relay import CALL_IDS, Relay, RelayError
 
@@ -51,7 +51,6 @@ REQUEST_SIGNATURES = {
     "C_GenerateRandom": "ufy", "C_Finalize": "",
 }
 DIGEST = hashlib.sha256(b"hsmfsm relay test").digest()
-_load_lock = threading.Lock()
 
 
 # -- fixtures ---------------------------------------------------------------
@@ -90,18 +89,7 @@ def load_client(relay: Relay, sockdir: Path) -> Iterator[Callable[[], pkcs11.lib
     loaded: list = []
 
     def load() -> pkcs11.lib:
-        link = sockdir / f"p11-kit-client-{uuid.uuid4().hex}.so"
-        link.symlink_to(find_module("p11-kit-client"))
-        with _load_lock:
-            saved = os.environ.get("P11_KIT_SERVER_ADDRESS")
-            os.environ["P11_KIT_SERVER_ADDRESS"] = relay.address
-            try:
-                lib = pkcs11.lib(str(link))
-            finally:
-                if saved is None:
-                    del os.environ["P11_KIT_SERVER_ADDRESS"]
-                else:
-                    os.environ["P11_KIT_SERVER_ADDRESS"] = saved
+        lib = load_raw_client(relay.address, "relay-test")
         loaded.append(lib)
         return lib
 

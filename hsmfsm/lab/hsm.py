@@ -238,3 +238,20 @@ class NetworkHSM:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def load_raw_client(address: str, name: str = "raw-client"):
+    """A plain python-pkcs11 ``lib`` on a p11-kit-client instance of its own (its own socket).
+
+    For baselines and wire tests that must bypass hsmfsm. It loads under a
+    path of its own, because python-pkcs11 caches per path, with
+    ``P11_KIT_SERVER_ADDRESS`` applied under hsmfsm's environment lock,
+    because p11-kit-client reads it at load time (FACTS).
+    """
+    import pkcs11
+
+    from ..module import _ENV_LOCK, _environment, _private_path
+
+    path = _private_path(find_module("p11-kit-client"), name)
+    with _ENV_LOCK, _environment({"P11_KIT_SERVER_ADDRESS": address}):
+        return pkcs11.lib(path)
