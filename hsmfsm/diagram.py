@@ -40,7 +40,8 @@ def _edge_label(event: Event, codes: list[str], policy: Policy) -> str:
         b = policy.connect.backoff
         lines.append(f"backoff {b.initial:g}s x{b.multiplier:g} max {b.max:g}s jitter {b.jitter:g}")
     if event is Event.GIVE_UP:
-        lines.append(f"after {policy.connect.max_attempts or 'never'} attempts")
+        n = policy.connect.max_attempts
+        lines.append(f"after {n} failed attempts" if n else "never: attempts unlimited")
     if event is Event.CALL_TIMEOUT:
         lines.append(f"call > {policy.operations.call_timeout:g}s")
     return "\\n".join(lines)
