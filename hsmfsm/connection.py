@@ -53,6 +53,9 @@ _now = time.monotonic
 #: Events after which no session of the current generation may be used again.
 _ENDS_GENERATION = frozenset({Event.CONNECTION_LOST, Event.CALL_TIMEOUT, Event.SESSION_LOST,
                               Event.FATAL, Event.CLOSE})
+#: Events that end one recovery attempt (in-call recovery waits for the next request after them).
+_ENDS_ATTEMPT = frozenset({Event.CONNECT_FAILED, Event.GIVE_UP, Event.LOGIN_OK, Event.FATAL,
+                           Event.CALL_TIMEOUT, Event.CONNECTION_LOST})
 _MECHANISMS: dict[str, pkcs11.Mechanism] = {}
 
 
@@ -131,7 +134,8 @@ class SlotConnection:
 
     def __init__(self, module: str, token_label: str, pin: PinSpec, policy: Policy | None = None,
                  name: str | None = None, env: dict[str, str] | None = None, *,
-                 probe: bool = True, rand: Callable[[], float] | None = None) -> None:
+                 probe: bool = True, rand: Callable[[], float] | None = None,
+                 wait_for_recovery: bool = True, auto_recover: bool = True) -> None:
         if policy is None:
             from .policy_loader import default_policy
             policy = default_policy()
@@ -152,6 +156,11 @@ class SlotConnection:
         self._supervisor_slot = _CallSlot()
         self._supervisor: threading.Thread | None = None
         self._probe_enabled = probe
+        #: False in an HA pool: a failing member raises at once and the pool goes elsewhere.
+        self._wait_for_recovery = wait_for_recovery
+        #: False for in-call recovery: the supervisor attempts only when :meth:`request_recovery` asks.
+        self._auto_recover = auto_recover
+        self._recovery_requested = False
         self._closing = False
         #: Serialises calls into modules that are unsafe for concurrent callers. p11-kit-client
         #: is one: when a call fails, it closes its socket while another thread may be about to
@@ -223,6 +232,28 @@ class SlotConnection:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    @property
+    def serving(self) -> bool:
+        """True while calls are served (``logged_in`` or ``degraded``)."""
+        return self._g.ready
+
+    @property
+    def inflight(self) -> int:
+        """Calls in progress right now (sessions leased)."""
+        g = self._g
+        return len(g.leases) - len(g.idle)
+
+    def request_recovery(self) -> None:
+        """In-call recovery: make one recovery attempt now (the supervisor runs it)."""
+        with self._lock:
+            self._recovery_requested = True
+        self._wake.set()
+
+    def recovery_status(self) -> tuple[int, float | None]:
+        """(consecutive failed attempts, seconds until the next one or None)."""
+        next_at = self._schedule.next_at
+        return self._schedule.attempts, (None if next_at is None else max(0.0, next_at - _now()))
 
     def reset(self) -> None:
         """Leave ``failed`` (after the PIN or the token was fixed) and start recovering again."""
@@ -360,9 +391,12 @@ class SlotConnection:
                     self._fire_if_legal(klass.event, code)
         if timed_out:
             raise CallTimeout(self.name, f"{op} overran the call timeout of {self._timeout:g}s and was cut off",
-                              code, self.state) from None
+                              code, self.state, may_have_acted=sent) from None
         if klass.event is None or not klass.reissue:
             raise OperationFailed(self.name, f"{op} failed", code, self.state) from exc
+        if not self._wait_for_recovery:  # in a pool: the pool re-issues elsewhere, if it may
+            raise MemberUnavailable(self.name, f"{op} failed", code, self.state, reissue=True,
+                                    may_have_acted=sent and klass.may_have_acted) from exc
         if sent and not self.policy.is_idempotent(op):
             if klass.may_have_acted:
                 raise OutcomeUnknown(self.name, f"{op} failed after it may have reached the HSM; "
@@ -384,7 +418,7 @@ class SlotConnection:
                 self._fire_if_legal(Event.HEALTHY, None)
 
     def _await_ready(self, op: str, started: float) -> None:
-        remaining = started + self._deadline - _now()
+        remaining = started + self._deadline - _now() if self._wait_for_recovery else 0.0
         with self._lock:
             ok = remaining > 0 and self._changed.wait_for(
                 lambda: self._g.ready or self._closing or self._machine.current is State.FAILED, remaining)
@@ -398,13 +432,16 @@ class SlotConnection:
                 raise MemberUnavailable(self.name, f"{op}: connection is closed", self.last_code, state)
             if not ok:
                 raise MemberUnavailable(self.name, f"{op}: not serving within the deadline of "
-                                        f"{self._deadline:g}s", self.last_code, state)
+                                        f"{self._deadline:g}s" if self._wait_for_recovery else f"{op}: not serving",
+                                        self.last_code, state, may_have_acted=False)
 
     # -- transitions --------------------------------------------------------
 
     def _fire(self, event: Event, code: Code | None = None) -> None:
         """Apply an event (caller holds ``_lock``): retire sessions, record, wake everyone."""
         before, after = self._machine.fire(event)
+        if event in _ENDS_ATTEMPT:
+            self._recovery_requested = False
         if event in _ENDS_GENERATION:
             old = self._g
             old.ready = False
@@ -462,7 +499,9 @@ class SlotConnection:
                     self._probe()
                     next_probe = _now() + self.policy.probe.interval
                 self._sleep(max(0.0, next_probe - _now()) if self._probe_enabled else None)
-            elif not self._schedule.due(now):
+            elif not self._auto_recover and not self._recovery_requested:
+                self._sleep(None)  # in-call recovery: wait for a caller to ask
+            elif self._auto_recover and not self._schedule.due(now):
                 self._sleep(max(0.0, (self._schedule.next_at or now) - now))
             else:
                 self._step(state)

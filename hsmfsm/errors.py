@@ -12,8 +12,18 @@ from .codes import Code
 class HSMError(Exception):
     """Base of the errors a slot connection raises to its caller."""
 
-    def __init__(self, member: str, message: str, code: Code | None = None, state: str | None = None) -> None:
+    #: May the operation go again elsewhere (an HA pool reads these)? Set from the code's class.
+    reissue: bool = False
+    #: Might the HSM have acted before the error? Then a non-idempotent operation must not go again.
+    may_have_acted: bool = True
+
+    def __init__(self, member: str, message: str, code: Code | None = None, state: str | None = None,
+                 *, reissue: bool | None = None, may_have_acted: bool | None = None) -> None:
         self.member, self.code, self.state = member, code, state
+        if reissue is not None:
+            self.reissue = reissue
+        if may_have_acted is not None:
+            self.may_have_acted = may_have_acted
         detail = f" [{code}]" if code else ""
         where = f" (state {state})" if state else ""
         super().__init__(f"{member}: {message}{detail}{where}")
@@ -26,9 +36,13 @@ class OperationFailed(HSMError):
 class CallTimeout(HSMError):
     """A PKCS#11 call overran the policy's call timeout; the watchdog cut it off."""
 
+    reissue = True
+
 
 class MemberUnavailable(HSMError):
     """The member could not serve within the call's deadline (down, recovering, or failed)."""
+
+    reissue = True
 
 
 class LoginRejected(HSMError):
@@ -41,3 +55,16 @@ class OutcomeUnknown(HSMError):
 
     It is not re-issued: the object may exist. Check the token before trying again.
     """
+
+
+class AllMembersDown(HSMError):
+    """No member of an HA pool could serve within the deadline. ``members`` maps each
+    member's name to its state and last return code."""
+
+    reissue = False
+
+    def __init__(self, pool: str, members: dict[str, tuple[str, Code | None]]) -> None:
+        self.members = members
+        detail = ", ".join(f"{name} {state} {code.name if code else 'no code yet'}"
+                           for name, (state, code) in members.items())
+        super().__init__(pool, f"all members down: {detail}")

@@ -1,0 +1,330 @@
+"""An HA pool: several HSM members behind one virtual session.
+
+Callers hold no member handles. Each call goes to a member chosen by the
+balancing rule among the members that serve; an idempotent call that fails
+on a member with a code whose class allows re-issue (transport, session,
+timeout) goes again to another member, within one deadline. Members are
+:class:`SlotConnection` objects, each with its own module instance, so one
+member's hang, reinitialisation or crash never touches another's sessions.
+
+Recovery of members:
+
+- ``background`` (default): each member's own supervisor retries every X
+  seconds (``recovery.interval``) up to N times (``recovery.max_attempts``),
+  probing while idle, with no caller needed; then the member stays ``failed``
+  until :meth:`Pool.recover`.
+- ``in_call``: the vendor HA library's semantics, for comparison: recovery
+  is attempted only inside a caller's call, at most every X seconds, at most
+  N times; a failure counts an attempt, a success brings the member back and
+  resets its count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
+
+import pkcs11
+
+from .connection import SlotConnection
+from .errors import AllMembersDown, HSMError, OutcomeUnknown
+from .policy import Backoff, Policy
+from .records import Listener, TransitionRecord
+from .states import State
+
+_now = time.monotonic
+BALANCES = ("round_robin", "least_busy", "primary")
+
+
+@dataclass(frozen=True, slots=True)
+class MemberStatus:
+    """One line of ``hsmfsm status``: what an operator wants to know about a member."""
+
+    name: str
+    role: str  # "active" or "standby"
+    state: str
+    last_code: str | None
+    last_code_value: int | None
+    recovery_attempts: int
+    max_attempts: int | None
+    next_attempt_in: float | None
+    inflight: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+class _Member:
+    __slots__ = ("conn", "standby", "attempts", "last_attempt", "gave_up")
+
+    def __init__(self, conn: SlotConnection, standby: bool) -> None:
+        self.conn, self.standby = conn, standby
+        self.attempts = 0  # in-call recovery bookkeeping (background mode uses the member's own schedule)
+        self.last_attempt = float("-inf")
+        self.gave_up = False
+
+
+class Pool:
+    """One virtual session over several members. Build it with :meth:`from_yaml` or directly."""
+
+    def __init__(self, name: str, members: Iterable[tuple[SlotConnection, bool]], policy: Policy, *,
+                 balance: str = "round_robin", recovery_mode: str = "background",
+                 recovery_interval: float = 10.0, recovery_max_attempts: int | None = 6) -> None:
+        if balance not in BALANCES:
+            raise ValueError(f"balance must be one of {', '.join(BALANCES)}")
+        if recovery_mode not in ("background", "in_call"):
+            raise ValueError("recovery mode must be background or in_call")
+        self.name, self.policy, self.balance = name, policy, balance
+        self.recovery_mode = recovery_mode
+        self.interval, self.max_attempts = recovery_interval, recovery_max_attempts
+        self._members = [_Member(conn, standby) for conn, standby in members]
+        if not any(not m.standby for m in self._members):
+            raise ValueError("a pool needs at least one active (non-standby) member")
+        self._by_name = {m.conn.name: m for m in self._members}
+        self._rr = itertools.count()
+        self._changed = threading.Condition()
+        self._deadline = policy.operations.deadline
+        for m in self._members:
+            m.conn.add_listener(self._on_transition)
+
+    # -- construction ---------------------------------------------------------
+
+    @staticmethod
+    def member_policy(policy: Policy, mode: str, interval: float, max_attempts: int | None) -> Policy:
+        """The pool's recovery settings, written into each member's connect policy.
+
+        Background: retry every X seconds (no growth, small jitter), N times. In-call:
+        the member never retries by itself; the pool counts attempts.
+        """
+        backoff = Backoff(initial=interval, multiplier=1.0, max=interval, jitter=min(0.1, policy.connect.backoff.jitter))
+        connect = dataclasses.replace(policy.connect, backoff=backoff,
+                                      max_attempts=max_attempts if mode == "background" else None)
+        return dataclasses.replace(policy, connect=connect)
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> "Pool":
+        """Build a pool from a loaded pool file (``pool_config.PoolSpec``)."""
+        r = spec.recovery
+        member_policy = cls.member_policy(spec.policy, r.mode, r.interval, r.max_attempts)
+        background = r.mode == "background"
+        members = [
+            (SlotConnection(module=m.module, token_label=m.token_label, pin=m.pin, policy=member_policy,
+                            name=m.name, env=dict(m.env), probe=background, wait_for_recovery=False,
+                            auto_recover=background), m.standby)
+            for m in spec.members
+        ]
+        return cls(spec.name, members, spec.policy, balance=spec.balance, recovery_mode=r.mode,
+                   recovery_interval=r.interval, recovery_max_attempts=r.max_attempts)
+
+    @classmethod
+    def from_yaml(cls, path: str) -> "Pool":
+        """Load a pool file (raises :class:`hsmfsm.PolicyError` naming file, line and field)."""
+        from .pool_config import load_pool
+
+        return cls.from_spec(load_pool(path))
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def open(self, wait: float | None = None) -> "Pool":
+        """Start every member; wait up to ``wait`` (default: the deadline) until all active members serve.
+
+        A member that is down does not make this fail; a rejected PIN leaves that
+        member ``failed`` and is reported by :meth:`status`, not raised, so that
+        the others serve.
+        """
+        for m in self._members:
+            try:
+                m.conn.open(wait=0)
+            except HSMError:
+                pass
+        limit = _now() + (self._deadline if wait is None else wait)
+        with self._changed:
+            self._changed.wait_for(lambda: all(m.conn.serving or m.conn.state == "failed"
+                                               for m in self._members if not m.standby),
+                                   timeout=max(0.0, limit - _now()))
+        return self
+
+    def close(self) -> None:
+        for m in self._members:
+            m.conn.close()
+
+    def __enter__(self) -> "Pool":
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def add_listener(self, listener: Listener) -> None:
+        """Receive the transition records of every member."""
+        for m in self._members:
+            m.conn.add_listener(listener)
+
+    def recover(self, name: str) -> None:
+        """Bring a member that gave up back into recovery (the hand in "recovered by hand")."""
+        m = self._by_name[name]
+        m.attempts, m.gave_up, m.last_attempt = 0, False, float("-inf")
+        if m.conn.state == State.FAILED.value:
+            m.conn.reset()
+        if self.recovery_mode == "in_call":
+            m.conn.request_recovery()
+
+    def member(self, name: str) -> SlotConnection:
+        return self._by_name[name].conn
+
+    # -- status ---------------------------------------------------------------
+
+    def status(self) -> list[MemberStatus]:
+        out = []
+        for m in self._members:
+            c = m.conn
+            if self.recovery_mode == "background":
+                attempts, next_in = c.recovery_status()
+            else:
+                attempts = m.attempts
+                due = m.last_attempt + self.interval - _now()
+                next_in = None if c.serving or m.gave_up else max(0.0, due)
+            state = c.state
+            if m.gave_up and state != State.FAILED.value:
+                state = State.FAILED.value
+            code = c.last_code
+            out.append(MemberStatus(c.name, "standby" if m.standby else "active", state,
+                                    code.name if code else None, code.value if code else None, attempts,
+                                    self.max_attempts, None if c.serving else next_in, c.inflight))
+        return out
+
+    def __repr__(self) -> str:
+        serving = sum(1 for m in self._members if m.conn.serving)
+        return f"<Pool {self.name} serving on {serving} of {len(self._members)} members, {self.balance}>"
+
+    # -- operations -----------------------------------------------------------
+
+    def sign(self, key_label: str, data: bytes, mechanism: str | pkcs11.Mechanism | None = None,
+             mechanism_param: Any = None) -> bytes:
+        return self._call("sign", lambda c: c.sign(key_label, data, mechanism, mechanism_param))
+
+    def verify(self, key_label: str, data: bytes, signature: bytes,
+               mechanism: str | pkcs11.Mechanism | None = None, mechanism_param: Any = None) -> bool:
+        return self._call("verify", lambda c: c.verify(key_label, data, signature, mechanism, mechanism_param))
+
+    def decrypt(self, key_label: str, data: bytes, mechanism: str | pkcs11.Mechanism | None = None,
+                mechanism_param: Any = None) -> bytes:
+        return self._call("decrypt", lambda c: c.decrypt(key_label, data, mechanism, mechanism_param))
+
+    def generate_random(self, nbytes: int) -> bytes:
+        return self._call("generate_random", lambda c: c.generate_random(nbytes))
+
+    def generate_keypair(self, key_type: pkcs11.KeyType, bits: int, label: str) -> Any:
+        """Not idempotent: re-issued elsewhere only when the first member never received it."""
+        return self._call("generate_keypair", lambda c: c.generate_keypair(key_type, bits, label))
+
+    def _call(self, op: str, invoke: Callable[[SlotConnection], Any]) -> Any:
+        deadline = _now() + self._deadline
+        idempotent = self.policy.is_idempotent(op)
+        tried: set[str] = set()
+        while True:
+            if self.recovery_mode == "in_call":
+                self._recover_in_call()
+            member = self._choose(tried)
+            if member is None:
+                if tried and any(m.conn.serving for m in self._members):
+                    tried.clear()  # everyone serving was tried once: go round again, within the deadline
+                    continue
+                if not self._wait_for_a_member(deadline):
+                    raise AllMembersDown(self.name, {m.conn.name: (m.conn.state, m.conn.last_code)
+                                                     for m in self._members})
+                continue
+            try:
+                return invoke(member.conn)
+            except OutcomeUnknown:
+                raise
+            except HSMError as exc:
+                if not exc.reissue or (not idempotent and exc.may_have_acted):
+                    raise
+                tried.add(member.conn.name)
+                if _now() >= deadline:
+                    raise
+
+    def _choose(self, tried: set[str]) -> _Member | None:
+        """The member for the next call: healthy actives first, degraded ones, then standbys."""
+        for group in self._groups(tried):
+            if group:
+                return self._pick(group)
+        return None
+
+    def _groups(self, tried: set[str]) -> tuple[list[_Member], list[_Member], list[_Member]]:
+        healthy, degraded, standby = [], [], []
+        for m in self._members:
+            c = m.conn
+            if c.name in tried or not c.serving:
+                continue
+            if m.standby:
+                standby.append(m)
+            elif c.state == State.DEGRADED.value:
+                degraded.append(m)
+            else:
+                healthy.append(m)
+        return healthy, degraded, standby
+
+    def _pick(self, group: list[_Member]) -> _Member:
+        if len(group) == 1 or self.balance == "primary":
+            return group[0]
+        if self.balance == "least_busy":
+            return min(group, key=lambda m: m.conn.inflight)
+        return group[next(self._rr) % len(group)]
+
+    def _wait_for_a_member(self, deadline: float) -> bool:
+        remaining = deadline - _now()
+        if remaining <= 0:
+            return False
+        with self._changed:
+            return self._changed.wait_for(lambda: any(m.conn.serving for m in self._members),
+                                          timeout=min(remaining, 0.05 if self.recovery_mode == "in_call"
+                                                      else remaining)) or _now() < deadline
+
+    def _recover_in_call(self) -> None:
+        """The vendor's passive recovery, made correct: inside a call, at most every X seconds,
+        at most N times; a failure counts an attempt, a success resets the count."""
+        now = _now()
+        for m in self._members:
+            c = m.conn
+            if c.serving or m.gave_up or c.state == State.FAILED.value:
+                continue
+            if now - m.last_attempt < self.interval:
+                continue
+            if self.max_attempts is not None and m.attempts >= self.max_attempts:
+                m.gave_up = True
+                continue
+            m.attempts += 1
+            m.last_attempt = now
+            c.request_recovery()
+
+    def _on_transition(self, record: TransitionRecord) -> None:
+        if record.dest in (State.LOGGED_IN.value, State.DEGRADED.value):
+            m = self._by_name.get(record.member)
+            if m is not None:
+                m.attempts, m.gave_up = 0, False
+        with self._changed:
+            self._changed.notify_all()
+
+
+def format_status(pool: Pool) -> str:
+    """The vendor-style HA group display of ``hsmfsm status``."""
+    rows = pool.status()
+    width = max(len(r.name) for r in rows)
+    lines = [f"HA group {pool.name}:"]
+    for r in rows:
+        code = r.last_code or "CKR_OK"
+        extra = ""
+        if r.state not in ("logged_in", "degraded"):
+            cap = "unlimited" if r.max_attempts is None else r.max_attempts
+            nxt = "" if r.next_attempt_in is None else f", next in {r.next_attempt_in:.0f}s"
+            extra = f"   recovery {r.recovery_attempts}/{cap}{nxt}"
+        role = "  (standby)" if r.role == "standby" else ""
+        lines.append(f"  {r.name:<{width}}   {r.state:<12} {code}{extra}{role}")
+    serving = sum(1 for r in rows if r.state in ("logged_in", "degraded"))
+    lines.append(f"Status: serving on {serving} of {len(rows)} members")
+    return "\n".join(lines)
