@@ -104,6 +104,56 @@ def _in_process(token: SoftHSMToken, rounds: int, seconds: float, out: TextIO) -
     return results
 
 
+def _threads_rate(fn: Callable[[], object], threads: int, seconds: float) -> float:
+    import threading
+
+    counts = [0] * threads
+
+    def work(i: int) -> None:
+        end = time.perf_counter() + seconds
+        while time.perf_counter() < end:
+            fn()
+            counts[i] += 1
+
+    ts = [threading.Thread(target=work, args=(i,)) for i in range(threads)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(counts) / seconds
+
+
+def _pool_figures(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path, rounds: int, seconds: float,
+                  out: TextIO) -> dict[str, dict[str, float]]:
+    """Two members (replicas behind their own servers) against one raw session on one server."""
+    from .pool import Pool
+
+    replica = NetworkHSM(token.replicate(workdir / "replica"), workdir / "replica.sock").start()
+    results: dict[str, dict[str, float]] = {}
+    try:
+        policy = load_policy("network-hsm")
+        member_policy = Pool.member_policy(policy, "background", 10.0, 6)
+        members = [(SlotConnection(find_module("p11-kit-client"), token.label, "env:HSMFSM_BENCH_PIN",
+                                   member_policy, name=name, env=server.client_env, wait_for_recovery=False), False)
+                   for name, server in (("hsm-a", hsm), ("hsm-b", replica))]
+        session = _raw_session(token, hsm)
+        label, data, mech = _CASES["ECDSA P-256 (prehashed)"]
+        key = session.get_key(label=label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
+        with Pool("bench", members, policy) as pool:
+            raw = lambda: key.sign(data, mechanism=mech)  # noqa: E731
+            managed = lambda: pool.sign(label, data, mechanism=mech)  # noqa: E731
+            raw(), managed()
+            print("-- HA pool of two network HSMs vs one raw session on one, ECDSA P-256", file=out)
+            for threads in (1, 2, 4):
+                fig = _alternate(lambda: _rate(raw, seconds), lambda: _threads_rate(managed, threads, seconds),
+                                 rounds)
+                results[f"pool {threads} thread(s)"] = fig
+                _row(f"pool, {threads} thread(s)", fig, out)
+    finally:
+        replica.kill()
+    return results
+
+
 def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dict[str, dict[str, float]]:
     """Run the benchmark and print a table; returns the figures."""
     import sys
@@ -131,6 +181,7 @@ def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dic
                     fig = _alternate(lambda: _rate(raw, seconds), lambda: _rate(managed, seconds), rounds)
                     results[f"network {case}"] = fig
                     _row(case, fig, out)
+            results.update(_pool_figures(token, hsm, workdir, rounds, seconds, out))
             print("-- in-process SoftHSM: each side in a worker process (managed runs with OS locking on)",
                   file=out)
             for case, fig in _in_process(token, rounds, seconds, out).items():
