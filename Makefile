@@ -20,7 +20,7 @@ diagrams: $(STAMP)
 	$(VENV)/bin/hsmfsm diagram --all diagrams
 
 check: $(STAMP)
-	$(VENV)/bin/hsmfsm check policies/*.yaml
+	HSMFSM_RUN=/run/hsmfsm $(VENV)/bin/hsmfsm check policies/*.yaml
 
 deps: $(STAMP)
 

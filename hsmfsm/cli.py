@@ -16,9 +16,23 @@ from .policy import PolicyError
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .policy_loader import check_files
+    from .pool_config import check_any_files
 
-    return check_files(args.files)
+    return check_any_files(args.files)
+
+
+def _status(args: argparse.Namespace) -> int:
+    import json
+
+    from .pool import Pool, format_status
+
+    with Pool.from_yaml(args.pool) as pool:
+        if args.json:
+            print(json.dumps({"pool": pool.name, "members": [s.as_dict() for s in pool.status()]}, indent=2))
+        else:
+            print(format_status(pool))
+        serving = any(s.state in ("logged_in", "degraded") for s in pool.status())
+    return 0 if serving else 1
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -59,9 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hsmfsm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="log every transition to stderr")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="validate policy files; exit 2 on the first broken one")
+    p = sub.add_parser("check", help="validate policy and pool files; exit 2 if any is broken")
     p.add_argument("files", nargs="+")
     p.set_defaults(fn=_check)
+    p = sub.add_parser("status", help="connect to a pool and print each member's state, like an HA group display")
+    p.add_argument("pool", help="a pool file")
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.set_defaults(fn=_status)
     p = sub.add_parser("demo", help="sign through a network HSM that is killed, hung and restarted")
     p.add_argument("--speed", type=float, default=1.0, help="script time factor (<1 is faster)")
     p.set_defaults(fn=_demo)

@@ -112,7 +112,9 @@ def default_policy() -> Policy:
 
 def shipped_policies() -> list[str]:
     """Names of the policies shipped with hsmfsm, for ``extends`` and error hints."""
-    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+    from .pool_config import is_pool_file  # pool files share the folder; they are not policies
+
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml") if not is_pool_file(p))
 
 
 def policy_schema() -> dict[str, Any]:

@@ -246,3 +246,50 @@ def test_standby_serves_only_when_every_active_member_is_down(client_module, hsm
         for i in range(10):
             sign_ec(pool, b"t%d" % i)
         assert counts["hsm-a"] - before["hsm-a"] == 10 and counts["hsm-b"] == before["hsm-b"]
+
+
+def test_status_command_on_a_pool_file(client_module, hsms, token, tmp_path, monkeypatch):
+    import json
+    import subprocess
+    import sys
+
+    a, b = hsms
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(f"""\
+pool: signer
+policy:
+  extends: network-hsm
+  name: test
+  operations: {{deadline: 2s, call_timeout: 1s}}
+recovery: {{mode: background, interval: 10s, max_attempts: 6}}
+members:
+  - name: hsm-a
+    module: {client_module}
+    env: {{P11_KIT_SERVER_ADDRESS: "{a.address}"}}
+    token_label: {token.label}
+    pin: env:STATUS_PIN
+  - name: hsm-b
+    module: {client_module}
+    env: {{P11_KIT_SERVER_ADDRESS: "{b.address}"}}
+    token_label: {token.label}
+    pin: env:STATUS_PIN
+""")
+    env = {**__import__("os").environ, "STATUS_PIN": token.pin}
+    a.kill()
+
+    def status(*extra):
+        return subprocess.run([sys.executable, "-m", "hsmfsm.cli", "status", str(pool_file), *extra],
+                              capture_output=True, text=True, timeout=60, env=env)
+
+    proc = status()
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "HA group signer:"
+    row_a = next(line for line in lines if line.strip().startswith("hsm-a"))
+    assert "logged_in" not in row_a and "HSMFSM_NO_SUCH_TOKEN" in row_a and "recovery 1/6, next in" in row_a
+    assert "logged_in" in next(line for line in lines if line.strip().startswith("hsm-b"))
+    assert lines[-1] == "Status: serving on 1 of 2 members"
+    assert token.pin not in proc.stdout + proc.stderr
+    data = json.loads(status("--json").stdout)
+    by_name = {m["name"]: m for m in data["members"]}
+    assert by_name["hsm-b"]["state"] == "logged_in" and by_name["hsm-a"]["last_code"] == "HSMFSM_NO_SUCH_TOKEN"
