@@ -293,3 +293,24 @@ members:
     data = json.loads(status("--json").stdout)
     by_name = {m["name"]: m for m in data["members"]}
     assert by_name["hsm-b"]["state"] == "logged_in" and by_name["hsm-a"]["last_code"] == "HSMFSM_NO_SUCH_TOKEN"
+
+
+def test_degraded_member_gets_less_traffic(client_module, hsms, pin_env, fast_policy, tmp_path):
+    a, b = hsms
+    relay = Relay(listen_path=tmp_path / "slow-a.sock", upstream_path=a.socket_path).start()
+    try:
+        base = fast_policy(probe_interval=5.0)
+        policy = dataclasses.replace(base, degraded=dataclasses.replace(
+            base.degraded, slow_call=0.03, enter_after=2, leave_after=50))
+        members = [("hsm-a", a, relay.address), ("hsm-b", b, b.address)]
+        with make_pool(client_module, pin_env, policy, members) as pool:
+            relay.latency = 0.02  # three round trips per sign: every call on hsm-a is slow
+            for i in range(8):
+                sign_ec(pool, b"%d" % i)
+            assert pool.member("hsm-a").state == "degraded"
+            counts = count_calls(pool)
+            for i in range(20):
+                verify(a.token, "ec", b"d%d" % i, sign_ec(pool, b"d%d" % i))
+            assert counts["hsm-b"] > counts["hsm-a"], counts
+    finally:
+        relay.stop()
