@@ -817,16 +817,20 @@ def _build(doc: _Doc) -> Policy:
 # --------------------------------------------------------------------------- the check command
 
 
-def _check_one(path: str, out: TextIO, err: TextIO) -> bool:
+def _check_one(path: str, out: TextIO, err: TextIO,
+               load: Callable[[Path], Any] | None = None,
+               describe: Callable[[Any], str] = lambda policy: f"policy {policy.name}") -> bool:
+    """Check one file for ``hsmfsm check``: one line, OK or the error, never a traceback.
+    ``load`` and ``describe`` let pool files share this (``pool_config``)."""
     try:
-        policy = load_policy(Path(path))
+        policy = (load or load_policy)(Path(path))
     except PolicyError as exc:
         _say(err, str(exc))
         return False
     except Exception as exc:  # noqa: BLE001 - a bug in hsmfsm must still read as one line, not a traceback
         _say(err, f"{path}:1: {FILE_FIELD}: internal error in hsmfsm ({type(exc).__name__}: {exc}); please report it")
         return False
-    _say(out, f"OK {path} (policy {policy.name})")
+    _say(out, f"OK {path} ({describe(policy)})")
     return True
 
 

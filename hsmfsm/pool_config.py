@@ -427,15 +427,9 @@ def _inline_policy(doc: _Doc, origin: _Origin, content: yaml.Node | Mapping[str,
 
 
 def _check_pool(path: str, out: TextIO, err: TextIO) -> bool:
-    """One pool file for ``hsmfsm check``, in the same words as the policy loader's ``_check_one``."""
-    try:
-        pool = load_pool(Path(path))
-    except PolicyError as exc:
-        _say(err, str(exc))
-        return False
-    except Exception as exc:  # noqa: BLE001 - a bug in hsmfsm must still read as one line, not a traceback
-        _say(err, f"{path}:1: {FILE_FIELD}: internal error in hsmfsm ({type(exc).__name__}: {exc}); please report it")
-        return False
-    count = len(pool.members)
-    _say(out, f"OK {path} (pool {pool.name}, {count} member{'' if count == 1 else 's'})")
-    return True
+    """One pool file for ``hsmfsm check``, in the same words as a policy's."""
+    def describe(pool: PoolSpec) -> str:
+        count = len(pool.members)
+        return f"pool {pool.name}, {count} member{'' if count == 1 else 's'}"
+
+    return _check_one(path, out, err, load_pool, describe)

@@ -10,7 +10,7 @@ import dataclasses
 
 import pytest
 
-from hsmfsm import OperationFailed, SlotConnection, load_policy
+from hsmfsm import OperationFailed, SlotConnection
 from hsmfsm.lab import Relay
 from conftest import Recorder, sign_ec, verify
 

@@ -5,11 +5,9 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-import hsmfsm
 from hsmfsm import SlotConnection
 from hsmfsm.errors import AllMembersDown
 from hsmfsm.lab import NetworkHSM, Relay

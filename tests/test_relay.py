@@ -8,7 +8,6 @@ P11_KIT_SERVER_ADDRESS is read when the module is loaded.
 from __future__ import annotations
 
 import hashlib
-import os
 import shutil
 import socket
 import tempfile
@@ -32,7 +31,7 @@ from pkcs11.exceptions import (
 )
 
 from hsmfsm.lab.hsm import load_raw_client
-from hsmfsm.lab import NetworkHSM, SoftHSMToken, find_module
+from hsmfsm.lab import NetworkHSM, SoftHSMToken
 from hsmfsm.lab.relay import CALL_IDS, Relay, RelayError
 
 CKR_DEVICE_REMOVED = 0x32
