@@ -231,23 +231,28 @@ class _Origin:
     line: int = 1
 
 
-def _origin(src: Any, source: str | None, line: int) -> _Origin:
+def _origin(src: Any, source: str | None, line: int, kind: str = "policy",
+            shipped: Callable[[str], Path | None] | None = None,
+            shipped_names: Callable[[], list[str]] | None = None) -> _Origin:
+    """Where a document comes from: a mapping or node, a shipped name, or a path.
+    ``kind`` and the two lookups let pool files (``pool_config``) share the rules."""
     if isinstance(src, (Mapping, yaml.Node)):
         label = source or INLINE
         base = Path(source).parent if source else Path(".")
         return _Origin(label, f"{label}#{id(src)}", base, content=src, line=line)
     if isinstance(src, str):
-        shipped = _shipped(src)
-        if shipped is not None:
-            return _file_origin(shipped, source)
-        if _BARE_NAME.fullmatch(src) and not os.path.lexists(src):
+        found = (shipped or _shipped)(src)
+        if found is not None:
+            return _file_origin(found, source)
+        if _BARE_NAME.fullmatch(src) and _missing(Path(src)):
+            names = (shipped_names or shipped_policies)()
             _fail(source or src, 1, FILE_FIELD,
-                  f"no such file, and no shipped policy of that name (shipped: {', '.join(shipped_policies())})")
+                  f"no such file, and no shipped {kind} of that name (shipped: {', '.join(names)})")
     try:
         return _file_origin(Path(src), source)
     except TypeError:
-        _fail(source or INLINE, 1, FILE_FIELD, f"cannot load a policy from {_show_type(src)} "
-              "(give a path, the name of a shipped policy, or a mapping)")
+        _fail(source or INLINE, 1, FILE_FIELD, f"cannot load a {kind} from {_show_type(src)} "
+              f"(give a path, the name of a shipped {kind}, or a mapping)")
 
 
 def _file_origin(path: Path, label: str | None = None) -> _Origin:

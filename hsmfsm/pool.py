@@ -277,13 +277,19 @@ class Pool:
         return group[next(self._rr) % len(group)]
 
     def _wait_for_a_member(self, deadline: float) -> bool:
+        """Wait, within the deadline, for any member to serve; False when the deadline has passed.
+
+        In-call mode wakes every 50 ms to look again: there a member comes back
+        only when a call asks it to, so waiting for the notification alone would
+        wait for nothing.
+        """
         remaining = deadline - _now()
         if remaining <= 0:
             return False
+        step = min(remaining, 0.05) if self.recovery_mode == "in_call" else remaining
         with self._changed:
-            return self._changed.wait_for(lambda: any(m.conn.serving for m in self._members),
-                                          timeout=min(remaining, 0.05 if self.recovery_mode == "in_call"
-                                                      else remaining)) or _now() < deadline
+            self._changed.wait_for(lambda: any(m.conn.serving for m in self._members), timeout=step)
+        return True
 
     def _recover_in_call(self) -> None:
         """The vendor's passive recovery, made correct: inside a call, at most every X seconds,

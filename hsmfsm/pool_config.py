@@ -37,8 +37,6 @@ from .pin import PinError, PinSource
 from .policy import Policy, PolicyError
 from .policy_loader import (
     _BARE_NAME,
-    FILE_FIELD,
-    INLINE,
     MAX_FILE_BYTES,
     ROOT_FIELD,
     SHIPPED_DIR,
@@ -47,6 +45,7 @@ from .policy_loader import (
     _attempts,
     _Builder,
     _check_one,
+    _origin,
     _compose,
     _did_you_mean,
     _Doc,
@@ -54,7 +53,6 @@ from .policy_loader import (
     _fail,
     _field,
     _fields,
-    _file_origin,
     _issues,
     _missing,
     _Origin,
@@ -62,7 +60,6 @@ from .policy_loader import (
     _say,
     _seconds,
     _show,
-    _show_type,
     _shipped,
     load_policy,
     shipped_policies,
@@ -216,24 +213,14 @@ def pool_schema() -> dict[str, Any]:
 _POOL_KEY = re.compile(rb"^(?:\xef\xbb\xbf)?(?:pool|\"pool\"|'pool')[ \t]*:(?:[ \t\r\n]|$)", re.MULTILINE)
 
 
+def _shipped_pool(name: str) -> Path | None:
+    path = POOLS_DIR / f"{name}.yaml"
+    return path if _BARE_NAME.fullmatch(name) and path.is_file() and is_pool_file(path) else None
+
+
 def _pool_origin(src: Any, source: str | None) -> _Origin:
     """Where the pool comes from; the same rules as policies, with shipped pools for names."""
-    if isinstance(src, Mapping):
-        label = source or INLINE
-        base = Path(source).parent if source else Path(".")
-        return _Origin(label, f"{label}#{id(src)}", base, content=src)
-    if isinstance(src, str):
-        shipped = POOLS_DIR / f"{src}.yaml"
-        if _BARE_NAME.fullmatch(src) and shipped.is_file():
-            return _file_origin(shipped, source)
-        if _BARE_NAME.fullmatch(src) and _missing(Path(src)):
-            _fail(source or src, 1, FILE_FIELD,
-                  f"no such file, and no shipped pool of that name (shipped: {', '.join(shipped_pools())})")
-    try:
-        return _file_origin(Path(src), source)
-    except TypeError:
-        _fail(source or INLINE, 1, FILE_FIELD, f"cannot load a pool from {_show_type(src)} "
-              "(give a path, the name of a shipped pool, or a mapping)")
+    return _origin(src, source, 1, "pool", _shipped_pool, shipped_pools)
 
 
 def _read_pool(origin: _Origin) -> tuple[_Doc, yaml.Node | None]:
