@@ -5,7 +5,7 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench diagrams check deps clean
+.PHONY: demo test bench soak diagrams check deps clean
 
 demo: $(STAMP)
 	$(VENV)/bin/hsmfsm demo
@@ -15,6 +15,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/hsmfsm bench
+
+# A bounded chaos run: 120 s, default seed; exits non-zero when a must-be row of the tally fails.
+soak: $(STAMP)
+	mkdir -p build
+	$(VENV)/bin/hsmfsm soak --duration 120 --seed 1 --json build/soak-tally.json
 
 diagrams: $(STAMP)
 	$(VENV)/bin/hsmfsm diagram --all diagrams

@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 
+from .audit import AuditError
 from .diagram import DiagramError
 from .errors import HSMError
 from .policy import PolicyError
@@ -38,7 +39,7 @@ def _status(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
-    return run(speed=args.speed)
+    return run(speed=args.speed, keep=args.keep, outdir=args.out)
 
 
 def _bench(args: argparse.Namespace) -> int:
@@ -48,24 +49,64 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _soak(args: argparse.Namespace) -> int:
+    from .soak import run
+
+    return run(duration=args.duration, threads=args.threads, seed=args.seed, members=args.members,
+               json_path=args.json)
+
+
 def _diagram(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from . import diagram
     from .policy_loader import load_policy, shipped_policies
+    from .pool_config import is_pool_file, load_pool, shipped_pools
 
     if args.all:
         outdir = Path(args.all)
         outdir.mkdir(parents=True, exist_ok=True)
         for name in shipped_policies():
-            policy = load_policy(name)
             for ext in ("dot", "svg"):
-                print(diagram.write(policy, outdir / f"{name}.{ext}"))
+                print(diagram.write(load_policy(name), outdir / f"{name}.{ext}"))
+        for name in shipped_pools():
+            spec = load_pool(name, environment=False)  # ${VAR}s are not drawn
+            for ext in ("dot", "svg"):
+                print(diagram.write_pool(spec, outdir / f"{name}.{ext}"))
         return 0
-    if not args.policy or not args.output:
-        print("hsmfsm diagram: give POLICY -o FILE, or --all DIR", file=sys.stderr)
+    target = args.live or args.source
+    if not target or not args.output:
+        print("hsmfsm diagram: give POLICY_OR_POOL -o FILE, --live POOL -o FILE, or --all DIR", file=sys.stderr)
         return 2
-    print(diagram.write(load_policy(args.policy), args.output))
+    if args.live:
+        from .pool import Pool
+
+        with Pool.from_yaml(args.live) as pool:
+            status = pool.status()
+        print(diagram.write_pool(load_pool(args.live), args.output, status))
+    elif is_pool_file(target) or target in shipped_pools():
+        print(diagram.write_pool(load_pool(target, environment=False), args.output))
+    else:
+        print(diagram.write(load_policy(target), args.output))
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    from . import audit
+
+    if args.action == "verify":
+        verdict = audit.verify(args.logs, partial=args.partial)
+        print(verdict, file=sys.stdout if verdict.ok else sys.stderr)
+        for note in verdict.notes:
+            print(f"  note: {note}")
+        return 0 if verdict.ok else 1
+    since = audit.parse_since(args.since) if args.since else None
+    shown = 0
+    for line in audit.timeline(args.logs, member=args.member, since=since):
+        print(line)
+        shown += 1
+    if not shown:
+        print("(no records match)", file=sys.stderr)
     return 0
 
 
@@ -80,24 +121,47 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pool", help="a pool file")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
     p.set_defaults(fn=_status)
-    p = sub.add_parser("demo", help="sign through a network HSM that is killed, hung and restarted")
+    p = sub.add_parser("demo", help="sign through a two-member HA pool while its HSMs are killed, hung and restarted")
     p.add_argument("--speed", type=float, default=1.0, help="script time factor (<1 is faster)")
+    p.add_argument("--keep", action="store_true", help="keep the output folder (diagrams, audit record, pool file)")
+    p.add_argument("--out", metavar="DIR", help="output folder (default: a new temporary folder)")
     p.set_defaults(fn=_demo)
     p = sub.add_parser("bench", help="managed vs raw python-pkcs11 sign throughput, side by side")
     p.add_argument("--rounds", type=int, default=6)
     p.add_argument("--seconds", type=float, default=0.5, help="length of one round")
     p.set_defaults(fn=_bench)
-    p = sub.add_parser("diagram", help="draw the slot machine under a policy (.dot, .svg, .png)")
-    p.add_argument("policy", nargs="?", help="a policy file or a shipped policy's name")
+    p = sub.add_parser("soak", help="bounded chaos run: sign through an HA pool while its HSMs fail; tally")
+    p.add_argument("--duration", type=float, default=120.0, help="seconds of signing under faults (default 120)")
+    p.add_argument("--threads", type=int, default=4, help="signing threads (default 4)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
+    p.add_argument("--members", type=int, choices=(2, 3), default=3, help="active members (default 3)")
+    p.add_argument("--json", metavar="FILE", help="also write the tally as JSON to FILE")
+    p.set_defaults(fn=_soak)
+    p = sub.add_parser("diagram", help="draw the slot machine under a policy, or a pool (.dot, .svg, .png)")
+    p.add_argument("source", nargs="?", metavar="POLICY_OR_POOL",
+                   help="a policy or pool file, or a shipped policy's or pool's name")
     p.add_argument("-o", "--output", help="output file; the format comes from the extension")
-    p.add_argument("--all", metavar="DIR", help="write DOT and SVG for every shipped policy into DIR")
+    p.add_argument("--live", metavar="POOL", help="connect to the pool and highlight each member's current state")
+    p.add_argument("--all", metavar="DIR", help="write DOT and SVG for every shipped policy and pool into DIR")
     p.set_defaults(fn=_diagram)
+    p = sub.add_parser("audit", help="check or read the transition record")
+    audit_sub = p.add_subparsers(dest="action", required=True)
+    a = audit_sub.add_parser("verify", help="exit 0 if the SHA-256 chain holds, else 1 naming the first bad line")
+    a.add_argument("logs", nargs="+", metavar="LOG", help="the log and its rotated files, in any order")
+    a.add_argument("--partial", action="store_true", help="the oldest rotated files were deleted: "
+                   "accept a chain that starts after its first record")
+    a.set_defaults(fn=_audit)
+    a = audit_sub.add_parser("show", help="print the transitions as a readable timeline")
+    a.add_argument("logs", nargs="+", metavar="LOG")
+    a.add_argument("--member", help="only this member's records")
+    a.add_argument("--since", help="only records from this time on: ISO 8601 (UTC) or an age such as 10m, 2h")
+    a.set_defaults(fn=_audit)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(asctime)s %(name)s %(message)s")
     try:
         return args.fn(args)
-    except (PolicyError, HSMError, DiagramError) as exc:
+    except (PolicyError, HSMError, DiagramError, AuditError, ValueError, OSError) as exc:
         print(f"hsmfsm: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -26,9 +26,11 @@ generation is not current is never used again, nor closed.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import threading
 import time
+import weakref
 from typing import Any, Callable
 
 import pkcs11
@@ -52,11 +54,19 @@ _now = time.monotonic
 
 #: Events after which no session of the current generation may be used again.
 _ENDS_GENERATION = frozenset({Event.CONNECTION_LOST, Event.CALL_TIMEOUT, Event.SESSION_LOST,
-                              Event.FATAL, Event.CLOSE})
+                              Event.FATAL, Event.CLOSE, Event.FORKED})
 #: Events that end one recovery attempt (in-call recovery waits for the next request after them).
 _ENDS_ATTEMPT = frozenset({Event.CONNECT_FAILED, Event.GIVE_UP, Event.LOGIN_OK, Event.FATAL,
                            Event.CALL_TIMEOUT, Event.CONNECTION_LOST})
 _MECHANISMS: dict[str, pkcs11.Mechanism] = {}
+#: Every connection of this process, for the fork hook.
+_LIVE: "weakref.WeakSet[SlotConnection]" = weakref.WeakSet()
+#: In a forked child: the generations and module instances inherited from the parent, kept
+#: here for good on purpose. Their python-pkcs11 objects (lib, sessions, keys) belong to the
+#: parent's server-side state: closing them, or letting a finaliser run (python-pkcs11's lib
+#: deallocator calls C_Finalize), would act on the parent's sessions. A leak, bounded by one
+#: set per connection per fork.
+_INHERITED: list[Any] = []
 
 
 def _mechanism(mechanism: str | pkcs11.Mechanism | None) -> pkcs11.Mechanism | None:
@@ -109,7 +119,7 @@ class _Lease(_CallSlot):
 class _Generation:
     """The sessions valid between two losses. ``ready`` is true while the connection serves."""
 
-    __slots__ = ("number", "token", "anchor", "idle", "leases", "ready")
+    __slots__ = ("number", "token", "anchor", "idle", "leases", "ready", "module", "epoch")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -118,6 +128,10 @@ class _Generation:
         self.idle: list[_Lease] = []
         self.leases: list[_Lease] = []
         self.ready = False
+        #: The module instance and its initialisation count when the anchor was opened: the
+        #: sessions of this generation are valid handles of that instance until it is re-initialised.
+        self.module: Any = None
+        self.epoch = -1
 
     def drained(self) -> bool:
         return len(self.idle) == len(self.leases)
@@ -168,12 +182,17 @@ class SlotConnection:
         #: for good). It serves one request at a time per connection anyway (FACTS).
         self._call_lock: threading.Lock | None = threading.Lock() if self._module.can_cut_off else None
         self._failure: Exception | None = None
+        #: C_Initialize calls made on the module instance (see ``_Generation.epoch``).
+        self._epoch = 0
         self.last_code: Code | None = None
         #: C_Login calls made, ever: auditors and tests count them (a wrong PIN is tried once).
         self.login_attempts = 0
         ops = policy.operations
         self._timeout, self._deadline, self._max_reissues = ops.call_timeout, ops.deadline, ops.max_reissues
         self._slow = policy.degraded.slow_call
+        self._pid = os.getpid()
+        self._fork_restart = False
+        _LIVE.add(self)
 
     # -- public surface -----------------------------------------------------
 
@@ -196,21 +215,27 @@ class SlotConnection:
         """Start the supervisor and wait up to ``wait`` seconds (default: the policy's deadline)
         for ``logged_in``. An HSM that is down does not make this fail: the supervisor keeps
         trying per the policy. A rejected PIN does: it raises :class:`LoginRejected`."""
+        self._check_fork(restart=False)
         with self._lock:
             if self._supervisor is None:
-                self._closing = False
-                self._supervisor = threading.Thread(target=self._supervise, daemon=True,
-                                                    name=f"hsmfsm-supervisor-{self.name}")
-                self._supervisor.start()
-                WATCHDOG.register(self)
+                self._start_supervisor()
             self._changed.wait_for(lambda: self._g.ready or self._machine.current is State.FAILED,
                                    timeout=self._deadline if wait is None else wait)
             if self._machine.current is State.FAILED and self._failure is not None:
                 raise self._failure
         return self
 
+    def _start_supervisor(self) -> None:
+        """(Caller holds ``_lock``.)"""
+        self._closing = False
+        self._supervisor = threading.Thread(target=self._supervise, daemon=True,
+                                            name=f"hsmfsm-supervisor-{self.name}")
+        self._supervisor.start()
+        WATCHDOG.register(self)
+
     def close(self) -> None:
         """Stop recovery, drain the calls in flight, and finalise the module."""
+        self._check_fork(restart=False)
         with self._lock:
             self._closing = True
             if (self._machine.current, Event.CLOSE) in states.TRANSITIONS:
@@ -257,6 +282,7 @@ class SlotConnection:
 
     def reset(self) -> None:
         """Leave ``failed`` (after the PIN or the token was fixed) and start recovering again."""
+        self._check_fork()
         with self._lock:
             self._fire(Event.RESET)
             self._failure = None
@@ -389,18 +415,24 @@ class SlotConnection:
                         self._fire_if_legal(Event.IMPAIRED, code)
                 elif klass.event is not None:
                     self._fire_if_legal(klass.event, code)
+        # A non-idempotent call that may have reached the HSM is never re-issued, here or (in a
+        # pool) on another member: the caller learns that the outcome is unknown, and where.
+        unknown = sent and not self.policy.is_idempotent(op)
         if timed_out:
+            if unknown:
+                raise OutcomeUnknown(self.name, f"{op} overran the call timeout of {self._timeout:g}s and was "
+                                     "cut off after it may have reached the HSM; not re-issued: the outcome "
+                                     "is unknown", code, self.state) from None
             raise CallTimeout(self.name, f"{op} overran the call timeout of {self._timeout:g}s and was cut off",
                               code, self.state, may_have_acted=sent) from None
         if klass.event is None or not klass.reissue:
             raise OperationFailed(self.name, f"{op} failed", code, self.state) from exc
+        if unknown and klass.may_have_acted:
+            raise OutcomeUnknown(self.name, f"{op} failed after it may have reached the HSM; "
+                                 "not re-issued: the outcome is unknown", code, self.state) from exc
         if not self._wait_for_recovery:  # in a pool: the pool re-issues elsewhere, if it may
             raise MemberUnavailable(self.name, f"{op} failed", code, self.state, reissue=True,
                                     may_have_acted=sent and klass.may_have_acted) from exc
-        if sent and not self.policy.is_idempotent(op):
-            if klass.may_have_acted:
-                raise OutcomeUnknown(self.name, f"{op} failed after it may have reached the HSM; "
-                                     "not re-issued: the outcome is unknown", code, self.state) from exc
         if reissues >= self._max_reissues:
             raise OperationFailed(self.name, f"{op} failed after {reissues} re-issues", code, self.state) from exc
         if _now() - started > self._deadline:
@@ -418,6 +450,7 @@ class SlotConnection:
                 self._fire_if_legal(Event.HEALTHY, None)
 
     def _await_ready(self, op: str, started: float) -> None:
+        self._check_fork()
         remaining = started + self._deadline - _now() if self._wait_for_recovery else 0.0
         with self._lock:
             ok = remaining > 0 and self._changed.wait_for(
@@ -427,9 +460,10 @@ class SlotConnection:
                 if isinstance(self._failure, LoginRejected):
                     raise self._failure
                 raise MemberUnavailable(self.name, f"{op}: connection has failed and waits for reset()",
-                                        self.last_code, state)
+                                        self.last_code, state, may_have_acted=False)  # nothing was sent
             if self._closing:
-                raise MemberUnavailable(self.name, f"{op}: connection is closed", self.last_code, state)
+                raise MemberUnavailable(self.name, f"{op}: connection is closed", self.last_code, state,
+                                        may_have_acted=False)
             if not ok:
                 raise MemberUnavailable(self.name, f"{op}: not serving within the deadline of "
                                         f"{self._deadline:g}s" if self._wait_for_recovery else f"{op}: not serving",
@@ -465,6 +499,8 @@ class SlotConnection:
     # -- the watchdog's view ------------------------------------------------
 
     def _watchdog_tick(self, now: float) -> None:
+        if self._pid != os.getpid():
+            return  # a forked child's watchdog, before this connection dropped what it inherited
         limit = self._timeout
         overran = False
         slots: list[_CallSlot] = [self._supervisor_slot, *self._g.leases]
@@ -481,6 +517,57 @@ class SlotConnection:
             with self._lock:
                 self.last_code = CALL_TIMEOUT
                 self._fire_if_legal(Event.CALL_TIMEOUT, CALL_TIMEOUT)
+
+    # -- fork ------------------------------------------------------------------
+
+    def _after_fork_in_child(self) -> None:
+        """In a forked child, before anything else runs (``os.register_at_fork``). No I/O here.
+
+        Only the forking thread exists in the child: the supervisor, the watchdog and
+        every other caller are gone, and a lock one of them held stays held for good.
+        So: fresh locks, no supervisor, and the generation stops serving, which sends
+        the child's first call down the slow path to :meth:`_check_fork`.
+        """
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._wake = threading.Event()
+        if self._call_lock is not None:
+            self._call_lock = threading.Lock()
+        self._listeners._lock = threading.Lock()
+        self._supervisor_slot = _CallSlot()
+        self._fork_restart = self._supervisor is not None and not self._closing
+        self._supervisor = None
+        self._g.ready = False
+
+    def _check_fork(self, restart: bool = True) -> None:
+        """In a forked child, on first use: drop what was inherited and connect afresh.
+
+        Every inherited session is abandoned, never closed: over p11-kit-client the
+        child's copy of the socket reaches the parent's server-side sessions, and a
+        C_CloseSession, C_Logout or C_Finalize from here would log the parent out.
+        The module gets a fresh instance (``ModuleInstance.for_child``), the
+        ``forked`` event moves the connection to ``disconnected`` with a new
+        generation, and the supervisor (if it ran in the parent) starts again here.
+        A ``failed`` connection stays failed: no child retries a rejected PIN.
+        """
+        if self._pid == os.getpid():
+            return
+        with self._lock:
+            if self._pid == os.getpid():
+                return
+            self._pid = os.getpid()
+            _INHERITED.append((self._g, self._retired, self._module))
+            self._retired = []
+            self._module = self._module.for_child()
+            self._schedule.reset()
+            self._health.reset()
+            if self._fire_if_legal(Event.FORKED, None):
+                self._retired = []  # the inherited generation: kept in _INHERITED, never drained
+                self._recovery_requested = True  # a fork is no failure: connect now, in any recovery mode
+            else:
+                self._g = _Generation(self._g.number + 1)
+            if restart and self._fork_restart and self._supervisor is None:
+                self._start_supervisor()
 
     # -- the supervisor -----------------------------------------------------
 
@@ -543,11 +630,12 @@ class SlotConnection:
             if lock is not None:
                 lock.release()
 
-    def _drain(self, timeout: float) -> bool:
+    def _drain(self, timeout: float, forgotten: list[_Generation] | None = None) -> bool:
         """Wait until no lease of a retired generation is in use; then they can be forgotten.
 
         Only the generations seen at the start are forgotten: one retired meanwhile
-        (the watchdog may fire during an attempt) waits for the next drain.
+        (the watchdog may fire during an attempt) waits for the next drain. The
+        forgotten ones are appended to ``forgotten``, if given.
         """
         with self._lock:
             pending = list(self._retired)
@@ -558,17 +646,54 @@ class SlotConnection:
             time.sleep(0.002)
         with self._lock:
             self._retired = [g for g in self._retired if g not in pending]
+        if forgotten is not None:
+            forgotten.extend(pending)
+        return True
+
+    def _close_lost_sessions(self, generations: list[_Generation]) -> bool:
+        """Close the sessions of drained generations when no C_Initialize came since they were opened.
+
+        After ``session_lost`` the connection opens a new anchor without re-initialising
+        the module, so the lost generation's sessions (its anchor and every lease) are
+        still open on the token: without this, every ``session_lost`` leaked them until
+        the next reinitialisation (the soak counted 15 live sessions where 5 were in
+        use). Closing them here is safe: they are drained (no caller holds one), they
+        are handles of this very module initialisation (``epoch``), and no session of
+        the new generation exists yet, so no handle can alias a new session. C_CloseSession
+        without C_Logout (``ModuleInstance.close_session``). False when a close overran
+        the call timeout: the attempt has then failed.
+        """
+        handles = []
+        for g in generations:
+            if g.module is not self._module or g.epoch != self._epoch:
+                continue  # re-initialised since: the handles are stale, and may alias new ones
+            handles += [lease.session.handle for lease in g.leases if lease.session is not None]
+            if g.anchor is not None:
+                handles.append(g.anchor.handle)
+        for handle in handles:
+            try:
+                self._watched(self._module.close_session, handle)
+            except _Busy:
+                self._attempt_failed(CALL_TIMEOUT, "could not close the lost sessions: a call is stuck")
+                return False
+            if self._supervisor_slot.timed_out:
+                self._attempt_failed(CALL_TIMEOUT, "closing the lost sessions overran the call timeout")
+                return False
         return True
 
     def _establish(self, reinitialize: bool) -> None:
         """connecting -> open: (re)initialise the module if asked, find the token, open the anchor session."""
-        if not self._drain(self._timeout):
+        forgotten: list[_Generation] = []
+        if not self._drain(self._timeout, forgotten):
             self._module.cut_off()
-            if not self._drain(self._timeout):
+            if not self._drain(self._timeout, forgotten):
                 self._attempt_failed(CALL_TIMEOUT, "calls of the old generation did not return")
                 return
+        if not reinitialize and self._module.initialized and not self._close_lost_sessions(forgotten):
+            return
         try:
             if reinitialize or not self._module.initialized:
+                self._epoch += 1
                 code = self._watched(self._module.initialize)
                 if not self._module.parallel and self._call_lock is None:
                     self._call_lock = threading.Lock()  # refused OS locking: no session exists yet
@@ -589,6 +714,7 @@ class SlotConnection:
         with self._lock:
             g = self._g
             g.token, g.anchor = token, anchor
+            g.module, g.epoch = self._module, self._epoch
             self._fire_if_legal(Event.SESSION_OPENED, None)
 
     def _attempt_failed(self, code: Code, why: str) -> None:
@@ -736,3 +862,11 @@ def _random(session: Any, nbytes: int) -> bytes:
 
 def _keypair(session: Any, key_type: Any, bits: int, label: str) -> Any:
     return session.generate_keypair(key_type, bits, label=label, store=True)
+
+
+def _after_fork_in_child() -> None:
+    for conn in list(_LIVE):
+        conn._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,137 +1,256 @@
-"""``hsmfsm demo``: a signer that survives its network HSM dying, hanging and idling.
+"""``hsmfsm demo``: a signer that signs through a two-member HA pool while its HSMs fail.
 
-It provisions a SoftHSM token behind `p11-kit server` in a temporary
-directory, signs in a loop on one thread (verifying every signature with the
-public key), and plays a script against the HSM: kill and restart it while
-signing, hang it, and kill and restart it while nobody signs (the probe alone
-brings the connection back). Every transition is printed as it happens.
-Nothing in the program is restarted; every process it starts is stopped.
+The main job, end to end, on an embedded default: it provisions a SoftHSM
+token and two replicas of it, serves each behind its own ``p11-kit server``
+(two network HSMs, ``hsm-a`` and ``hsm-b``), writes a pool file for them
+(the same format an operator writes, with an audit record), and signs on two
+threads through the pool, verifying every signature with the public key.
+Meanwhile a script kills, hangs and restarts the HSMs. The caller should see
+no failure at all: calls that die on one member go again to the other.
+
+At the end it prints the timeline of transitions (read back from the audit
+record), the tally, and the verdict of ``hsmfsm audit verify``, and writes
+the diagrams and the record into an output folder. Every process it started
+is stopped, whatever happens.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import TextIO
+from typing import Callable, TextIO
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from .connection import SlotConnection
+from . import audit, diagram
 from .errors import HSMError
 from .lab import NetworkHSM, SoftHSMToken, find_module
-from .policy_loader import load_policy
-from .records import TransitionRecord
+from .pool import Pool
+from .pool_config import load_pool
 
-#: (seconds after start, action, description)
-SCRIPT = [
-    (1.0, "kill", "the HSM dies while signing"),
-    (1.6, "start", "the HSM comes back"),
-    (3.0, "hang", "the HSM hangs (SIGSTOP): calls are cut off at the call timeout"),
-    (5.5, "resume", "the HSM resumes (SIGCONT)"),
-    (7.0, "pause", "the application stops signing: the connection is idle"),
-    (7.3, "kill", "the HSM dies while nobody is calling"),
-    (8.0, "start", "the HSM comes back; the probe alone must bring the connection back"),
-    (9.5, "unpause", "the application signs again"),
-    (11.0, "end", "done"),
+#: (seconds after start, action, member, what it shows)
+SCRIPT: list[tuple[float, str, str, str]] = [
+    (2.0, "kill", "hsm-a", "hsm-a dies under load: its calls in flight go again to hsm-b"),
+    (4.0, "start", "hsm-a", "hsm-a comes back: background recovery puts it back in the rotation"),
+    (6.0, "hang", "hsm-b", "hsm-b hangs (SIGSTOP): its calls are cut off at the 1 s call timeout and go to hsm-a"),
+    (8.5, "resume", "hsm-b", "hsm-b resumes (SIGCONT)"),
+    (10.5, "pause", "", "the application stops signing: both connections are idle"),
+    (11.0, "kill", "hsm-a", "hsm-a dies while nobody is calling"),
+    (12.0, "start", "hsm-a", "hsm-a comes back; the probe alone brings it back, no call needed"),
+    (14.0, "unpause", "", "the application signs again"),
+    (15.5, "restart", "hsm-b", "hsm-b restarts (kill and start at once)"),
+    (18.0, "end", "", "done"),
 ]
 
+POOL_FILE = """\
+# Written by `hsmfsm demo`: the pool it signs through. Check it with
+# `HSMFSM_RUN={run} hsmfsm check {path}`.
+pool: demo
+policy:
+  version: 1
+  name: demo
+  extends: network-hsm
+  operations:
+    call_timeout: 1s     # a hung HSM costs a caller at most this before the call goes elsewhere
+    deadline: 6s
+balance: round_robin
+recovery:
+  mode: background
+  interval: 500ms
+  max_attempts: unlimited
+audit:
+  path: transitions.jsonl
+members:
+  - name: hsm-a
+    module: {module}
+    env: {{P11_KIT_SERVER_ADDRESS: "unix:path=${{HSMFSM_RUN}}/hsm-a.sock"}}
+    token_label: {label}
+    pin: env:HSMFSM_DEMO_PIN
+  - name: hsm-b
+    module: {module}
+    env: {{P11_KIT_SERVER_ADDRESS: "unix:path=${{HSMFSM_RUN}}/hsm-b.sock"}}
+    token_label: {label}
+    pin: env:HSMFSM_DEMO_PIN
+"""
 
-class _Signer(threading.Thread):
-    def __init__(self, conn: SlotConnection, verify_key: ec.EllipticCurvePublicKey) -> None:
-        super().__init__(name="demo-signer", daemon=True)
-        self.conn, self.key = conn, verify_key
-        self.ok = self.failed = self.bad = 0
+
+class _Signers:
+    """Two signing threads and their tally; every signature is checked with the public key."""
+
+    def __init__(self, pool: Pool, public: ec.EllipticCurvePublicKey, threads: int = 2) -> None:
+        self.pool, self.public = pool, public
+        self.requests = self.ok = self.bad = self.failed = 0
         self.errors: list[str] = []
         self.paused = threading.Event()
         self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"demo-signer-{i}", daemon=True)
+                         for i in range(threads)]
 
-    def run(self) -> None:
+    def start(self) -> None:
+        for t in self._threads:
+            t.start()
+
+    def join(self, timeout: float) -> bool:
+        self.stop.set()
+        end = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - time.monotonic()))
+        return not any(t.is_alive() for t in self._threads)
+
+    def _run(self, index: int) -> None:
         n = 0
         while not self.stop.is_set():
             if self.paused.is_set():
                 time.sleep(0.01)
                 continue
-            data = f"record {n}".encode()
+            digest = hashlib.sha256(f"zone record {index}.{n}".encode()).digest()
             n += 1
-            digest = hashlib.sha256(data).digest()
+            with self._lock:
+                self.requests += 1
             try:
-                sig = self.conn.sign("ec", digest, mechanism="ECDSA")
+                sig = self.pool.sign("ec", digest, mechanism="ECDSA")
             except HSMError as exc:
-                self.failed += 1
-                self.errors.append(str(exc))
+                with self._lock:
+                    self.failed += 1
+                    self.errors.append(str(exc))
                 continue
             r, s = int.from_bytes(sig[:32], "big"), int.from_bytes(sig[32:], "big")
             try:
-                self.key.verify(utils.encode_dss_signature(r, s), digest, ec.ECDSA(utils.Prehashed(hashes.SHA256())))
-                self.ok += 1
+                self.public.verify(utils.encode_dss_signature(r, s), digest,
+                                   ec.ECDSA(utils.Prehashed(hashes.SHA256())))
+                good = True
             except Exception:  # noqa: BLE001 - counted: a wrong signature is the worst outcome
-                self.bad += 1
+                good = False
+            with self._lock:
+                if good:
+                    self.ok += 1
+                else:
+                    self.bad += 1
 
 
-def run(out: TextIO | None = None, speed: float = 1.0) -> int:
-    """Play the script; ``speed`` < 1 shortens it (the tests use that). Returns an exit code."""
+def _status_line(pool: Pool, s: _Signers) -> str:
+    members = "  ".join(f"{m.name} {m.state}" + (f" ({m.last_code})" if m.last_code and m.state not in
+                                                  ("logged_in", "degraded") else "")
+                        for m in pool.status())
+    return f"{members}  | requests {s.requests}, verified {s.ok}, failed {s.failed}"
+
+
+def run(out: TextIO | None = None, speed: float = 1.0, keep: bool = False, outdir: str | None = None) -> int:
+    """Play the script; ``speed`` < 1 shortens it (the tests use that). Returns the exit code.
+
+    0 when every call succeeded with a verified signature, both members serve
+    at the end, and the audit record verifies.
+    """
     out = out or sys.stdout
+    tty = out.isatty()
     t0 = time.monotonic()
 
     def say(text: str) -> None:
-        print(f"[{time.monotonic() - t0:6.2f}s] {text}", file=out, flush=True)
+        print(("\r\033[K" if tty else "") + f"[{time.monotonic() - t0:6.2f}s] {text}", file=out, flush=True)
 
-    def on_transition(rec: TransitionRecord) -> None:
-        code = f"  {rec.code_name}" if rec.code_name else ""
-        say(f"    {rec.member}: {rec.source:>12} -> {rec.dest:<12} on {rec.event}{code}")
-
-    with tempfile.TemporaryDirectory(prefix="hsmfsm-demo-") as tmp:
-        say(f"provisioning a SoftHSM token in {tmp}")
-        token = SoftHSMToken(Path(tmp) / "token", label="demo-signer").provision()
-        hsm = NetworkHSM(token, Path(tmp) / "hsm.sock").start()
-        say(f"network HSM: p11-kit server pid {hsm.pid} on {hsm.socket_path}")
+    folder = Path(outdir) if outdir else Path(tempfile.mkdtemp(prefix="hsmfsm-demo-"))
+    folder.mkdir(parents=True, exist_ok=True)
+    lab = Path(tempfile.mkdtemp(prefix="hsmfsm-demo-lab-"))
+    hsms: dict[str, NetworkHSM] = {}
+    try:
+        say(f"provisioning a SoftHSM token and two replicas in {lab}")
+        token = SoftHSMToken(lab / "token", label="demo-signer").provision()
+        run_dir = lab / "run"
+        run_dir.mkdir()
+        for name in ("hsm-a", "hsm-b"):
+            hsms[name] = NetworkHSM(token.replicate(lab / name), run_dir / f"{name}.sock").start()
+            say(f"network HSM {name}: p11-kit server pid {hsms[name].pid} on {hsms[name].socket_path}")
+        pool_file = folder / "demo-pool.yaml"
+        pool_file.write_text(POOL_FILE.format(run=run_dir, path=pool_file, module=find_module("p11-kit-client"),
+                                              label=token.label))
+        os.environ["HSMFSM_RUN"] = str(run_dir)
         os.environ["HSMFSM_DEMO_PIN"] = token.pin
-        policy = load_policy("network-hsm")
-        policy = dataclasses.replace(policy, operations=dataclasses.replace(policy.operations, call_timeout=1.0))
-        conn = SlotConnection(find_module("p11-kit-client"), token.label, "env:HSMFSM_DEMO_PIN", policy,
-                              name="hsm-a", env=hsm.client_env)
-        conn.add_listener(on_transition)
         public = serialization.load_der_public_key(token.public_key_der("ec"))
-        signer = _Signer(conn, public)  # type: ignore[arg-type]
-        try:
-            with conn:
-                signer.start()
-                for at, action, text in SCRIPT:
-                    time.sleep(max(0.0, t0 + at * speed - time.monotonic()))
-                    say(f"{action.upper():8} {text}  (signatures so far: {signer.ok}, failed calls: {signer.failed})")
-                    if action == "kill":
-                        hsm.kill()
-                    elif action == "start":
-                        hsm.start()
-                    elif action == "hang":
-                        hsm.hang()
-                    elif action == "resume":
-                        hsm.resume()
-                    elif action == "pause":
-                        signer.paused.set()
-                    elif action == "unpause":
-                        say(f"state before signing again: {conn.state} (recovered with no call made)")
-                        signer.paused.clear()
-                signer.stop.set()
-                signer.join(5)
-                final_state = conn.state
-        finally:
-            signer.stop.set()
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        spec = load_pool(pool_file)
+        pool = Pool.from_spec(spec)
+        signers = _Signers(pool, public)
+        with pool:
+            say(f"pool {pool.name} open: {_status_line(pool, signers)}")
+            signers.start()
+            _play(pool, signers, hsms, say, speed, t0, tty, out)
+            clean = signers.join(10)
+            final = pool.status()
+            diagram.write_pool(spec, folder / "pool-live.svg", final)
+        for ext in ("dot", "svg"):
+            diagram.write_pool(spec, folder / f"pool.{ext}")
+            diagram.write(spec.policy, folder / f"policy-{spec.policy.name}.{ext}")
+        log_path = folder / "transitions.jsonl"
+        verdict = audit.verify([log_path])
+        _report(out, log_path, signers, final, verdict, clean, folder, keep)
+    finally:
+        for hsm in hsms.values():
             hsm.kill()
-        say("summary:")
-        print(f"  signatures made and verified : {signer.ok}", file=out)
-        print(f"  wrong signatures             : {signer.bad}", file=out)
-        print(f"  failed calls                 : {signer.failed}"
-              + ("  (calls cut off while the HSM hung; an HA pool hides these)" if signer.failed else ""), file=out)
-        for err in sorted(set(signer.errors))[:5]:
-            print(f"      {err}", file=out)
-        print(f"  final state                  : {final_state}", file=out)
-        print("  program restarts             : 0", file=out)
-    return 0 if signer.bad == 0 and signer.ok > 0 and final_state == "logged_in" else 1
+        shutil.rmtree(lab, ignore_errors=True)
+        if not keep:
+            shutil.rmtree(folder, ignore_errors=True)
+    serving = all(m.state in ("logged_in", "degraded") for m in final)
+    return 0 if (signers.failed == 0 and signers.bad == 0 and signers.ok > 0 and serving and verdict.ok
+                 and clean) else 1
+
+
+def _play(pool: Pool, signers: _Signers, hsms: dict[str, NetworkHSM], say: Callable[[str], None],
+          speed: float, t0: float, tty: bool, out: TextIO) -> None:
+    """Run the script, with a live status line between its steps."""
+    for at, action, member, text in SCRIPT:
+        due = t0 + at * speed
+        while time.monotonic() < due:
+            line = _status_line(pool, signers)
+            if tty:
+                print(f"\r\033[K    {line}", end="", file=out, flush=True)
+            else:
+                say(f"    {line}")
+            time.sleep(min(0.25 if tty else 1.0 * max(speed, 0.5), max(0.0, due - time.monotonic())))
+        say(f"{action.upper():8} {text}")
+        hsm = hsms.get(member)
+        if action == "kill" and hsm:
+            hsm.kill()
+        elif action == "start" and hsm:
+            hsm.start()
+        elif action == "restart" and hsm:
+            hsm.restart()
+        elif action == "hang" and hsm:
+            hsm.hang()
+        elif action == "resume" and hsm:
+            hsm.resume()
+        elif action == "pause":
+            signers.paused.set()
+        elif action == "unpause":
+            states = ", ".join(f"{m.name} {m.state}" for m in pool.status())
+            say(f"         before signing again: {states} (recovered with no call made)")
+            signers.paused.clear()
+
+
+def _report(out: TextIO, log_path: Path, s: _Signers, final: list, verdict: audit.Verdict, clean: bool,
+            folder: Path, keep: bool) -> None:
+    print("\ntimeline of transitions (from the audit record):", file=out)
+    for line in audit.timeline([log_path]):
+        print(f"  {line}", file=out)
+    print("\ntally:", file=out)
+    print(f"  requests                     : {s.requests}", file=out)
+    print(f"  signatures made and verified : {s.ok}", file=out)
+    print(f"  wrong signatures             : {s.bad}", file=out)
+    print(f"  failed calls                 : {s.failed}  (expected 0: the pool hides every member failure)",
+          file=out)
+    for err in sorted(set(s.errors))[:5]:
+        print(f"      {err}", file=out)
+    print(f"  signer threads stopped       : {'yes' if clean else 'NO'}", file=out)
+    print("  final states                 : " + ", ".join(f"{m.name} {m.state}" for m in final), file=out)
+    print("  program restarts             : 0", file=out)
+    print(f"  audit record                 : {verdict}", file=out)
+    print(f"\noutput folder: {folder}" + ("" if keep else "  (removed at exit; --keep leaves it)"), file=out)
+    for path in sorted(folder.iterdir()):
+        print(f"  {path.name}", file=out)

@@ -12,11 +12,16 @@ from __future__ import annotations
 import shutil
 from collections import defaultdict
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 import graphviz
 
 from .policy import Policy
 from .states import SERVING, TERMINAL, TRANSITIONS, Event, State
+
+if TYPE_CHECKING:
+    from .pool import MemberStatus
+    from .pool_config import PoolSpec
 
 class DiagramError(RuntimeError):
     """The diagram cannot be written (for instance, Graphviz's ``dot`` is missing)."""
@@ -47,8 +52,44 @@ def _edge_label(event: Event, codes: list[str], policy: Policy) -> str:
     return "\\n".join(lines)
 
 
+_RECOVERY_EVENTS = (Event.CONNECT_FAILED, Event.GIVE_UP, Event.CALL_TIMEOUT)
+
+
+def _state_attrs(state: State) -> dict[str, str]:
+    attrs = {"shape": "doublecircle" if state in TERMINAL else "circle"}
+    if state in SERVING:
+        attrs.update(style="filled", fillcolor="palegreen")
+    elif state in TERMINAL:
+        attrs.update(style="filled", fillcolor="lightcoral")
+    return attrs
+
+
+def _edges() -> list[tuple[State, Event, State]]:
+    return [(src, event, dst) for (src, event), dst in
+            sorted(TRANSITIONS.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value))]
+
+
+def _edge_style(event: Event) -> str:
+    return "dashed" if event in (Event.CLOSE, Event.RESET, Event.FORKED) else "solid"
+
+
+def _legend(g: graphviz.Digraph, name: str = "legend") -> None:
+    """What the shapes mean: an auditor reads the picture without the source at hand."""
+    g.node(name, shape="plaintext", label=(
+        "<<table border='0' cellborder='1' cellspacing='0' cellpadding='4'>"
+        "<tr><td colspan='2'><b>legend</b></td></tr>"
+        "<tr><td bgcolor='palegreen'>green</td><td align='left'>serving: calls are sent here</td></tr>"
+        "<tr><td bgcolor='lightcoral'>double circle</td><td align='left'>terminal: left only by an "
+        "operator's reset (a rejected PIN is never retried)</td></tr>"
+        "<tr><td>solid edge</td><td align='left'>event fired by the supervisor or by the return codes "
+        "listed under it (this policy's mapping)</td></tr>"
+        "<tr><td>dashed edge</td><td align='left'>the application or the operator (close, reset, fork)</td></tr>"
+        "<tr><td>backoff / attempts / call &gt;</td><td align='left'>recovery settings of this policy</td></tr>"
+        "</table>>"))
+
+
 def to_dot(policy: Policy) -> str:
-    """The DOT source for ``policy``'s slot machine."""
+    """The DOT source for ``policy``'s slot machine: every state and transition, codes on the edges."""
     g = graphviz.Digraph(name="slot_connection", graph_attr={
         "rankdir": "LR", "label": f"hsmfsm slot connection under policy {policy.name!r}\\n"
         f"re-issue idempotent calls ({', '.join(sorted(policy.operations.idempotent))}) "
@@ -57,30 +98,115 @@ def to_dot(policy: Policy) -> str:
     g.attr("node", fontname="Helvetica")
     g.attr("edge", fontname="Helvetica", fontsize="9")
     for state in State:
-        attrs = {"shape": "doublecircle" if state in TERMINAL else "circle"}
-        if state in SERVING:
-            attrs.update(style="filled", fillcolor="palegreen")
-        elif state in TERMINAL:
-            attrs.update(style="filled", fillcolor="lightcoral")
-        g.node(state.value, **attrs)
+        g.node(state.value, **_state_attrs(state))
     codes = _codes_by_event(policy)
-    for (src, event), dst in sorted(TRANSITIONS.items(), key=lambda kv: (kv[0][0].value, kv[0][1].value)):
-        style = "dashed" if event in (Event.CLOSE, Event.RESET) else "solid"
-        g.edge(src.value, dst.value, label=_edge_label(event, codes.get(event.value, []), policy), style=style)
+    for src, event, dst in _edges():
+        g.edge(src.value, dst.value, label=_edge_label(event, codes.get(event.value, []), policy),
+               style=_edge_style(event))
+    _legend(g)
+    return g.source
+
+
+def _html(text: object) -> str:
+    return str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _code_table(policy: Policy) -> str:
+    """Event -> return codes, once for the whole pool (every member follows the same policy)."""
+    codes = _codes_by_event(policy)
+    rows = "".join(
+        f"<tr><td align='left'>{_html(event.value)}</td><td align='left'>"
+        f"{'<br/>'.join(_html(c) for c in codes[event.value])}</td></tr>"
+        for event in Event if codes.get(event.value))
+    recovery = "".join(f"<tr><td align='left'>{_html(e.value)}</td><td align='left'>"
+                       f"{_html(_edge_label(e, [], policy).split(chr(92) + 'n', 1)[-1])}</td></tr>"
+                       for e in _RECOVERY_EVENTS)
+    return ("<<table border='0' cellborder='1' cellspacing='0' cellpadding='3'>"
+            f"<tr><td colspan='2'><b>return codes under policy {_html(policy.name)}</b></td></tr>"
+            f"{rows}<tr><td colspan='2'><b>recovery</b></td></tr>{recovery}</table>>")
+
+
+def pool_to_dot(spec: PoolSpec, status: Sequence[MemberStatus] | None = None) -> str:
+    """The DOT source for a pool: its members, roles, balancing and recovery, each member's machine.
+
+    ``status`` (from :meth:`hsmfsm.pool.Pool.status`) highlights each member's
+    current state: the live picture of ``hsmfsm diagram --live``.
+    """
+    from .pool import Pool
+
+    r = spec.recovery
+    policy = Pool.member_policy(spec.policy, r.mode, r.interval, r.max_attempts)
+    cap = "unlimited" if r.max_attempts is None else f"up to {r.max_attempts}"
+    g = graphviz.Digraph(name=f"pool_{spec.name}", graph_attr={
+        "rankdir": "LR", "compound": "true", "labelloc": "t", "fontname": "Helvetica",
+        "label": f"hsmfsm HA pool {spec.name!r}: balance {spec.balance}; recovery {r.mode}, "
+                 f"every {r.interval:g}s, {cap} attempts; policy {spec.policy.name!r}\\n"
+                 f"re-issue idempotent calls ({', '.join(sorted(policy.operations.idempotent))}) "
+                 f"on another member within {policy.operations.deadline:g}s"})
+    g.attr("node", fontname="Helvetica")
+    g.attr("edge", fontname="Helvetica", fontsize="9")
+    live = {s.name: s for s in status or ()}
+    g.node("application", shape="box", style="rounded",
+           label=f"application\\n(one virtual session)\\npool {spec.name}")
+    for index, member in enumerate(spec.members):
+        role = "standby" if member.standby else "active"
+        now = live.get(member.name)
+        with g.subgraph(name=f"cluster_{index}") as c:
+            label = [f"member {member.name} ({role})", f"token {member.token_label!r}",
+                     f"module {Path(member.module).name}"]
+            if now is not None:
+                attempts = "" if now.state in ("logged_in", "degraded") else \
+                    f", recovery {now.recovery_attempts}/{'unlimited' if now.max_attempts is None else now.max_attempts}"
+                label.append(f"now: {now.state}, last code {now.last_code or 'CKR_OK'}{attempts}")
+            c.attr(label="\\n".join(label), style="rounded", color="gray40" if not member.standby else "gray70")
+            for state in State:
+                attrs = _state_attrs(state)
+                if now is not None and now.state == state.value:
+                    attrs.update(style="filled,bold", penwidth="4", color="blue", fillcolor="gold")
+                c.node(f"{member.name}/{state.value}", label=state.value, **attrs)
+            for src, event, dst in _edges():
+                c.edge(f"{member.name}/{src.value}", f"{member.name}/{dst.value}", label=event.value,
+                       style=_edge_style(event))
+        calls = "calls only while every active member is down" if member.standby else f"calls ({spec.balance})"
+        g.edge("application", f"{member.name}/{State.LOGGED_IN.value}", lhead=f"cluster_{index}", label=calls,
+               style="dotted" if member.standby else "bold")
+    g.node("codes", shape="plaintext", label=_code_table(policy))
+    _legend(g)
     return g.source
 
 
 def write(policy: Policy, path: str | Path) -> Path:
-    """Write the diagram; the format comes from the extension (.dot, .svg, .png)."""
+    """Write ``policy``'s diagram; the format comes from the extension (.dot, .svg, .png)."""
+    return write_source(to_dot(policy), path)
+
+
+def write_pool(spec: PoolSpec, path: str | Path, status: Sequence[MemberStatus] | None = None) -> Path:
+    """Write a pool's diagram (live when ``status`` is given); the format comes from the extension."""
+    return write_source(pool_to_dot(spec, status), path)
+
+
+FORMATS = ("dot", "svg", "png", "pdf")
+
+
+def write_source(source: str, path: str | Path) -> Path:
+    """DOT text to a file, rendered by Graphviz's ``dot`` for anything but .dot.
+
+    No fallback: if ``dot`` is missing the answer is an error that says how to
+    install it, never a file of another format under the requested name.
+    """
     path = Path(path)
-    source = to_dot(policy)
     fmt = path.suffix.lstrip(".").lower()
+    if fmt not in FORMATS:
+        raise DiagramError(f"{path}: unknown diagram format {fmt!r} (use .dot, .svg or .png)")
     if fmt == "dot":
         path.write_text(source)
         return path
-    if fmt not in ("svg", "png", "pdf"):
-        raise DiagramError(f"{path}: unknown diagram format {fmt!r} (use .dot, .svg or .png)")
     if shutil.which("dot") is None:
-        raise DiagramError("Graphviz's 'dot' is not installed; run: apt-get install graphviz")
-    path.write_bytes(graphviz.Source(source).pipe(format=fmt))
+        raise DiagramError(f"{path}: Graphviz's 'dot' program is not installed, so .{fmt} cannot be drawn; "
+                           "install it (Debian/Ubuntu: apt-get install graphviz) or write .dot")
+    try:
+        data = graphviz.Source(source).pipe(format=fmt)
+    except (graphviz.ExecutableNotFound, graphviz.CalledProcessError) as exc:
+        raise DiagramError(f"{path}: Graphviz failed: {exc}") from None
+    path.write_bytes(data)
     return path

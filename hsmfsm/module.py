@@ -125,12 +125,17 @@ def _private_path(module: str, name: str) -> str:
     global _LINK_DIR
     if _LINK_DIR is None:
         _LINK_DIR = tempfile.mkdtemp(prefix="hsmfsm-modules-")
-        atexit.register(shutil.rmtree, _LINK_DIR, True)
+        atexit.register(_remove_link_dir, _LINK_DIR, os.getpid())
     fd, path = tempfile.mkstemp(prefix=f"{name}-", suffix=".so", dir=_LINK_DIR)
     os.close(fd)
     os.unlink(path)
     os.symlink(os.path.abspath(module), path)
     return path
+
+
+def _remove_link_dir(path: str, owner: int) -> None:
+    if os.getpid() == owner:  # a forked child exiting must not pull the parent's links away
+        shutil.rmtree(path, True)
 
 
 @contextmanager
@@ -165,6 +170,64 @@ def _cut_all_at_exit() -> None:
 atexit.register(_cut_all_at_exit)
 
 
+def _after_fork_in_child() -> None:
+    """Runs in a forked child before anything else (``os.register_at_fork``); only this thread exists.
+
+    Every socket to a module server that the child inherited is shared with the
+    parent: a C_CloseSession, C_Logout or C_Finalize sent on it (by python-pkcs11's
+    deallocator at exit, by a stray finaliser, by anything) would act on the
+    parent's sessions on the server, and ``shutdown()`` on it would cut the
+    parent off. So the child's copy of each such descriptor is replaced with
+    ``/dev/null`` (``dup2``: closing the child's copy, which the parent never
+    notices, while keeping the number taken so that no new socket of the
+    child can be mistaken for it). The inherited instances are marked, never
+    called again, never deallocated (``_keep_alive``).
+    """
+    global _ENV_LOCK, _LINK_DIR
+    _ENV_LOCK = threading.Lock()  # another thread may have held it at the fork
+    _LINK_DIR = None  # the parent's; the child makes its own
+    paths = set()
+    for instance in ModuleInstance._keep_alive:
+        if instance._server_path is not None:
+            instance.inherited = True
+            instance.initialized = False
+            paths.add(instance._server_path)
+    if paths:
+        _detach_inherited_sockets(paths)
+
+
+def _detach_inherited_sockets(paths: set[str]) -> int:
+    try:
+        entries = os.listdir("/proc/self/fd")
+    except OSError:
+        return 0
+    null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
+    detached = 0
+    try:
+        for entry in entries:
+            try:
+                fd = int(entry)
+                if fd == null or not os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
+                    continue
+                probe = socket.socket(fileno=os.dup(fd))
+            except (OSError, ValueError):
+                continue
+            try:
+                if probe.family == socket.AF_UNIX and probe.getpeername() in paths:
+                    os.dup2(null, fd, inheritable=False)
+                    detached += 1
+            except OSError:
+                pass
+            finally:
+                probe.close()  # a close, never a shutdown: the parent's connection is untouched
+    finally:
+        os.close(null)
+    return detached
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class ModuleInstance:
     """One loaded instance of a PKCS#11 module, owned by one slot connection.
 
@@ -187,6 +250,9 @@ class ModuleInstance:
         self._fl: _FunctionList | None = None
         self._fn: dict[str, ctypes._CFuncPtr] = {}
         self._server_path = _server_path(self.env)
+        #: True in a forked child for an instance the parent loaded: its socket belonged to the
+        #: parent, so it is never called, finalised or cut off here (see :func:`_after_fork_in_child`).
+        self.inherited = False
 
     # -- loading and (re)initialising --------------------------------------
 
@@ -240,7 +306,7 @@ class ModuleInstance:
 
     def finalize(self) -> Code:
         """C_Finalize with the GIL released. Safe to call when not initialised."""
-        if not self.initialized or not self._fn:
+        if not self.initialized or not self._fn or self.inherited:
             return code_from_value(CKR_OK)
         self.initialized = False
         return code_from_value(self._fn["C_Finalize"](None))
@@ -283,7 +349,7 @@ class ModuleInstance:
         catches the socket a C_Initialize in progress just opened. Other
         connections to the *same* server are cut too: they hang on it as well.
         """
-        if self._server_path is None:
+        if self._server_path is None or self.inherited:
             return 0
         cut = 0
         for entry in os.listdir("/proc/self/fd"):
@@ -307,6 +373,20 @@ class ModuleInstance:
             finally:
                 sock.close()
         return cut
+
+    def for_child(self) -> "ModuleInstance":
+        """In a forked child: the instance to use from now on.
+
+        A module that talks to its HSM over a socket (p11-kit-client) gets a
+        fresh instance: a new load under a path of its own, so a new
+        C_GetFunctionList and C_Initialize and a socket of the child's own.
+        The inherited instance is left alone for good. An in-process module
+        (SoftHSM) is one instance per process and its state is the child's own
+        copy: the same instance is re-initialised by the next connect.
+        """
+        if self.inherited or self._server_path is not None:
+            return ModuleInstance(self.module, self.env, self.name)
+        return self
 
     def __repr__(self) -> str:
         return f"<ModuleInstance {self.name} {self.module} initialized={self.initialized} parallel={self.parallel}>"

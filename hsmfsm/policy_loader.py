@@ -9,7 +9,8 @@ there the loader:
 2. composes the YAML node tree with PyYAML's safe composer, which keeps line
    numbers, and builds plain data from it itself: only standard tags, at most
    :data:`MAX_NODES` values (alias expansions included, so an alias bomb ends
-   at once) and :data:`MAX_DEPTH` levels,
+   at once) and :data:`MAX_DEPTH` levels, numbers written in at most
+   :data:`MAX_NUMBER_TEXT` characters and within float range,
 3. validates that data against ``policy.schema.json`` (the one definition of
    the format, also used by editors) and rephrases jsonschema's errors,
 4. follows ``extends`` (mappings merge, lists and scalars replace; cycles and
@@ -66,6 +67,9 @@ MAX_NODES = 10_000
 MAX_DEPTH = 50
 #: Length of an ``extends`` chain.
 MAX_EXTENDS = 8
+#: Characters of a number (or boolean) as written: no value a policy allows is near it, and PyYAML
+#: reads a long sexagesimal int (``1:59:59:...``, a YAML 1.1 int) in quadratic time.
+MAX_NUMBER_TEXT = 100
 
 INLINE = "<inline>"
 #: The FIELD part of messages about the file as a whole, its YAML, or its top level.
@@ -142,10 +146,14 @@ def check_files(paths: list[str], out: TextIO | None = None, err: TextIO | None 
 
 
 def _field(path: FieldPath) -> str:
-    """``operations.deadline``, ``operations.idempotent[2]``; the top level reads ``(policy)``."""
+    """``operations.deadline``, ``operations.idempotent[2]``; the top level reads ``(policy)``.
+
+    A key is whatever the file wrote, newlines and NULs included (``"a\\nb": 1``), so it is
+    shown escaped: a message must stay one line.
+    """
     text = ""
     for part in path:
-        text += f"[{part}]" if isinstance(part, int) else f"{'.' if text else ''}{_clip(part)}"
+        text += f"[{part}]" if isinstance(part, int) else f"{'.' if text else ''}{_printable(_clip(part))}"
     return text or ROOT_FIELD
 
 
@@ -157,8 +165,17 @@ def _clip(text: str, limit: int = 64) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _printable(text: str) -> str:
+    """``text`` with line breaks, NULs and other invisible characters as escapes (``\\n``, ``\\x00``)."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _number(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() and abs(value) < 1e15 else repr(float(value))
+    try:
+        as_float = float(value)
+    except OverflowError:  # a whole number beyond any float (10**400 inline): its size is what matters
+        return f"about {'-' if value < 0 else ''}1e{int(math.log10(abs(value)))}"
+    return str(int(value)) if as_float.is_integer() and abs(value) < 1e15 else repr(as_float)
 
 
 def _show(value: Any) -> str:
@@ -264,8 +281,13 @@ def _file_origin(path: Path, label: str | None = None) -> _Origin:
 
 
 def _shipped(name: str) -> Path | None:
+    if not _BARE_NAME.fullmatch(name):
+        return None
     path = SHIPPED_DIR / f"{name}.yaml"
-    return path if _BARE_NAME.fullmatch(name) and path.is_file() else None
+    try:
+        return path if path.is_file() else None
+    except OSError:  # a name too long for the file system (ENAMETOOLONG) names no shipped file
+        return None
 
 
 def _resolve(origin: _Origin, trail: tuple[_Origin, ...]) -> _Doc:
@@ -392,8 +414,10 @@ class _GuardedLoader(yaml.SafeLoader):
 
 
 def _compose(text: str, label: str) -> yaml.Node | None:
+    loader: _GuardedLoader | None = None
     try:
-        return yaml.compose(text, Loader=_GuardedLoader)
+        loader = _GuardedLoader(text)
+        return loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         problem = exc.problem or "invalid YAML"
@@ -403,18 +427,23 @@ def _compose(text: str, label: str) -> yaml.Node | None:
         char = exc.character if isinstance(exc.character, int) else ord(exc.character[:1] or b"\0")
         _fail(label, text.count("\n", 0, exc.position) + 1, FILE_FIELD,
               f"contains the control character #x{char:02x}; a policy file must be plain text")
+    except ValueError as exc:  # PyYAML's scanner calls chr() on an escape such as "\\U0011FFFF" unchecked
+        _fail(label, loader.line + 1 if loader else 1, YAML_FIELD, f"an escape names no Unicode character ({exc})")
     except (yaml.YAMLError, RecursionError) as exc:
-        _fail(label, 1, YAML_FIELD, f"cannot parse: {exc}")
+        _fail(label, 1, YAML_FIELD, f"cannot parse: {_printable(str(exc))}")
+    finally:
+        if loader is not None:
+            loader.dispose()
 
 
 _STD = "tag:yaml.org,2002:"
-#: Scalar tags a policy may use, and the SafeConstructor method that reads each.
-_SCALAR_TAGS: dict[str, str | None] = {
+#: Scalar tags a policy may use, the SafeConstructor method that reads each, and what it reads.
+_SCALAR_TAGS: dict[str, tuple[str, str] | None] = {
     f"{_STD}str": None,
-    f"{_STD}int": "construct_yaml_int",
-    f"{_STD}float": "construct_yaml_float",
-    f"{_STD}bool": "construct_yaml_bool",
-    f"{_STD}null": "construct_yaml_null",
+    f"{_STD}int": ("construct_yaml_int", "a whole number"),
+    f"{_STD}float": ("construct_yaml_float", "a number"),
+    f"{_STD}bool": ("construct_yaml_bool", "true or false"),
+    f"{_STD}null": ("construct_yaml_null", "null"),
 }
 _SAFE = yaml.constructor.SafeConstructor()
 
@@ -476,9 +505,10 @@ class _Builder:
                                  path, build)
         if isinstance(value, (list, tuple)):
             return self._sequence(((line, item) for item in value), path, build)
-        if value is None or isinstance(value, (str, bool, int)) or (
-                isinstance(value, float) and math.isfinite(value)):
+        if value is None or isinstance(value, (str, bool)):
             return value
+        if isinstance(value, (int, float)):
+            return self._finite(value, path, line)
         _fail(self.label, line, _field(path), f"a policy cannot hold {_show_type(value)}")
 
     def _mapping(self, entries: Iterator[tuple[str, int, Any]], path: FieldPath,
@@ -525,15 +555,27 @@ class _Builder:
                   "numbers and booleans (quote the value if it is meant as text)")
 
     def _scalar(self, node: yaml.ScalarNode, path: FieldPath, line: int) -> Any:
-        method = _SCALAR_TAGS[node.tag]
-        if method is None:
+        spec = _SCALAR_TAGS[node.tag]
+        if spec is None:
             return node.value
+        method, noun = spec
+        if len(node.value) > MAX_NUMBER_TEXT:
+            _fail(self.label, line, _field(path), f"{_show(node.value)} is too long to be {noun}")
         try:
             value = getattr(_SAFE, method)(node)
-        except (ValueError, ArithmeticError, yaml.YAMLError):
-            _fail(self.label, line, _field(path), f"cannot read {_show(node.value)} as a number")
+        except (ValueError, LookupError, ArithmeticError, yaml.YAMLError):  # LookupError: !!bool maybe, !!int ""
+            _fail(self.label, line, _field(path), f"cannot read {_show(node.value)} as {noun}")
+        return self._finite(value, path, line)
+
+    def _finite(self, value: Any, path: FieldPath, line: int) -> Any:
+        """A number the schema can compare and a message can show: finite, and within float range.
+
+        An inline policy is Python data, so 10**5000 can arrive; jsonschema cannot even print it.
+        """
         if isinstance(value, float) and not math.isfinite(value):
-            _fail(self.label, line, _field(path), f"{node.value} is not a finite number")
+            _fail(self.label, line, _field(path), f"{_show(value)} is not a finite number")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > sys.float_info.max:
+            _fail(self.label, line, _field(path), f"{_show(value)} is too large for any field")
         return value
 
 
@@ -567,9 +609,33 @@ def _duration_aware(keyword: str) -> Callable[..., Any]:
     return check
 
 
+def _unique_texts(validator: Any, unique: bool, instance: Any, schema: Any) -> Iterator[ValidationError]:
+    """``uniqueItems`` in linear time, over the items that are text.
+
+    jsonschema compares items it cannot sort pairwise: a list of a few thousand
+    mappings (a valid file size) took half a minute. Only text is a valid item
+    wherever the schema asks for unique items, and any other item already fails
+    its own type check, so only text needs comparing.
+    """
+    if unique and isinstance(instance, list) and _first_repeat(instance) is not None:
+        yield ValidationError("has non-unique elements")
+
+
+def _first_repeat(items: list[Any]) -> int | None:
+    """Index of the first text item that repeats an earlier one."""
+    seen: set[str] = set()
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            if item in seen:
+                return index
+            seen.add(item)
+    return None
+
+
 @functools.cache
 def _validator() -> Draft202012Validator:
-    cls = validators.extend(Draft202012Validator, {k: _duration_aware(k) for k in ("minimum", "maximum")})
+    cls = validators.extend(Draft202012Validator, {**{k: _duration_aware(k) for k in ("minimum", "maximum")},
+                                                   "uniqueItems": _unique_texts})
     return cls(_schema())
 
 
@@ -649,8 +715,8 @@ def _bad_pattern(error: ValidationError, path: FieldPath) -> list[Issue]:
 
 def _duplicate_item(error: ValidationError, path: FieldPath) -> list[Issue]:
     items = list(error.instance)
-    repeats = [i for i, item in enumerate(items) if item in items[:i]]
-    return [(path + (repeats[0],), f"{_show(items[repeats[0]])} is listed twice")] if repeats else \
+    repeat = _first_repeat(items)
+    return [(path + (repeat,), f"{_show(items[repeat])} is listed twice")] if repeat is not None else \
         [(path, "items must be unique")]
 
 
@@ -842,5 +908,4 @@ def _check_one(path: str, out: TextIO, err: TextIO,
 def _say(stream: TextIO, text: str) -> None:
     """Print a line that survives any file name or policy text (odd bytes become escapes)."""
     encoding = getattr(stream, "encoding", None) or "utf-8"
-    visible = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    stream.write(visible.encode(encoding, "backslashreplace").decode(encoding, "replace") + "\n")
+    stream.write(_printable(text).encode(encoding, "backslashreplace").decode(encoding, "replace") + "\n")

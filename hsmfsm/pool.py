@@ -23,13 +23,16 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import threading
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import pkcs11
 
+from .audit import AuditLog
 from .connection import SlotConnection
 from .errors import AllMembersDown, HSMError, OutcomeUnknown
 from .policy import Backoff, Policy
@@ -73,7 +76,8 @@ class Pool:
 
     def __init__(self, name: str, members: Iterable[tuple[SlotConnection, bool]], policy: Policy, *,
                  balance: str = "round_robin", recovery_mode: str = "background",
-                 recovery_interval: float = 10.0, recovery_max_attempts: int | None = 6) -> None:
+                 recovery_interval: float = 10.0, recovery_max_attempts: int | None = 6,
+                 audit: AuditLog | None = None) -> None:
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}")
         if recovery_mode not in ("background", "in_call"):
@@ -87,9 +91,15 @@ class Pool:
         self._by_name = {m.conn.name: m for m in self._members}
         self._rr = itertools.count()
         self._changed = threading.Condition()
+        self._forked = False
+        _LIVE_POOLS.add(self)
         self._deadline = policy.operations.deadline
         for m in self._members:
             m.conn.add_listener(self._on_transition)
+        #: The pool's audit record (closed with the pool), if the pool file asks for one.
+        self.audit = audit
+        if audit is not None:
+            self.add_listener(audit)
 
     # -- construction ---------------------------------------------------------
 
@@ -117,8 +127,12 @@ class Pool:
                             auto_recover=background), m.standby)
             for m in spec.members
         ]
+        audit = None
+        if spec.audit is not None:
+            a = spec.audit
+            audit = AuditLog(a.path, pool=spec.name, rotate_bytes=a.rotate_bytes, keep=a.keep, fsync=a.fsync)
         return cls(spec.name, members, spec.policy, balance=spec.balance, recovery_mode=r.mode,
-                   recovery_interval=r.interval, recovery_max_attempts=r.max_attempts)
+                   recovery_interval=r.interval, recovery_max_attempts=r.max_attempts, audit=audit)
 
     @classmethod
     def from_yaml(cls, path: str) -> "Pool":
@@ -149,8 +163,11 @@ class Pool:
         return self
 
     def close(self) -> None:
+        """Close every member, then the audit record (so that the closes are on it)."""
         for m in self._members:
             m.conn.close()
+        if self.audit is not None:
+            self.audit.close()
 
     def __enter__(self) -> "Pool":
         return self.open()
@@ -222,6 +239,8 @@ class Pool:
         return self._call("generate_keypair", lambda c: c.generate_keypair(key_type, bits, label))
 
     def _call(self, op: str, invoke: Callable[[SlotConnection], Any]) -> Any:
+        if self._forked:
+            self._after_fork()
         deadline = _now() + self._deadline
         idempotent = self.policy.is_idempotent(op)
         tried: set[str] = set()
@@ -315,6 +334,29 @@ class Pool:
                 m.attempts, m.gave_up = 0, False
         with self._changed:
             self._changed.notify_all()
+
+
+    def _after_fork(self) -> None:
+        """In a forked child, on the first call: every member drops what it inherited and
+        reconnects (``SlotConnection._check_fork``); until then none of them serves."""
+        self._forked = False
+        for m in self._members:
+            m.conn._check_fork()
+
+    def _after_fork_in_child(self) -> None:
+        self._changed = threading.Condition()  # another thread may have held it at the fork
+        self._forked = True
+
+
+_LIVE_POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for pool in list(_LIVE_POOLS):
+        pool._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def format_status(pool: Pool) -> str:

@@ -36,7 +36,6 @@ from jsonschema import Draft202012Validator, ValidationError, validators
 from .pin import PinError, PinSource
 from .policy import Policy, PolicyError
 from .policy_loader import (
-    _BARE_NAME,
     MAX_FILE_BYTES,
     ROOT_FIELD,
     SHIPPED_DIR,
@@ -116,6 +115,19 @@ class PoolRecovery:
 
 
 @dataclass(frozen=True, slots=True)
+class AuditSpec:
+    """Where the pool's audit record goes (:class:`hsmfsm.audit.AuditLog`'s arguments).
+
+    ``rotate_bytes``: ``None`` never rotates; ``keep``: ``None`` keeps every rotated file.
+    """
+
+    path: Path
+    rotate_bytes: int | None
+    keep: int | None
+    fsync: bool
+
+
+@dataclass(frozen=True, slots=True)
 class PoolSpec:
     """A whole pool file, checked: what :meth:`hsmfsm.pool.Pool.from_spec` builds a pool from."""
 
@@ -125,12 +137,13 @@ class PoolSpec:
     recovery: PoolRecovery
     members: tuple[MemberSpec, ...]
     source: str
+    audit: AuditSpec | None = None
 
 
 # --------------------------------------------------------------------------- public API
 
 
-def load_pool(src: PoolSource, /, *, source: str | None = None) -> PoolSpec:
+def load_pool(src: PoolSource, /, *, source: str | None = None, environment: bool = True) -> PoolSpec:
     """Load, check and build a pool.
 
     ``src`` is a path, the name of a shipped pool (``"ha-pool"``), or an
@@ -140,6 +153,8 @@ def load_pool(src: PoolSource, /, *, source: str | None = None) -> PoolSpec:
 
     ``${VAR}`` in ``module`` and ``env`` values is expanded from the process
     environment now, so a pool file can point at per-deployment sockets.
+    ``environment=False`` checks the references' form but keeps them as
+    written: for drawing a pool on a machine that will not run it.
 
     Raises :class:`PolicyError` (and nothing else) when the pool is wrong.
     """
@@ -148,7 +163,7 @@ def load_pool(src: PoolSource, /, *, source: str | None = None) -> PoolSpec:
     _validate_pool(doc)
     data = _with_defaults(doc.data, _pool_schema())
     recovery = _with_defaults(data.get("recovery", {}), _pool_schema()["properties"]["recovery"])
-    members = _members(doc)
+    members = _members(doc, environment)
     policy = _policy(doc, origin, data["policy"], policy_node)
     return PoolSpec(
         name=data["pool"],
@@ -157,6 +172,7 @@ def load_pool(src: PoolSource, /, *, source: str | None = None) -> PoolSpec:
         recovery=PoolRecovery(**_fields(recovery, interval=_seconds, max_attempts=_attempts)),
         members=members,
         source=doc.label,
+        audit=_audit(doc, origin, environment),
     )
 
 
@@ -214,8 +230,9 @@ _POOL_KEY = re.compile(rb"^(?:\xef\xbb\xbf)?(?:pool|\"pool\"|'pool')[ \t]*:(?:[ 
 
 
 def _shipped_pool(name: str) -> Path | None:
-    path = POOLS_DIR / f"{name}.yaml"
-    return path if _BARE_NAME.fullmatch(name) and path.is_file() and is_pool_file(path) else None
+    """Pools and policies share the folder (and the rule for names): a shipped file that is a pool."""
+    path = _shipped(name)
+    return path if path is not None and is_pool_file(path) else None
 
 
 def _pool_origin(src: Any, source: str | None) -> _Origin:
@@ -300,7 +317,7 @@ def _fail_at(doc: _Doc, path: FieldPath, text: str) -> NoReturn:
 # --------------------------------------------------------------------------- members
 
 
-def _members(doc: _Doc) -> tuple[MemberSpec, ...]:
+def _members(doc: _Doc, environment: bool = True) -> tuple[MemberSpec, ...]:
     """Build the members, after the rules a schema cannot express (reported first in file order)."""
     issues: list[Issue] = []
     first: dict[str, int] = {}
@@ -314,10 +331,11 @@ def _members(doc: _Doc) -> tuple[MemberSpec, ...]:
                                            f"(also {_field(other)}, line {doc.locate(other)[1]})"))
         first.setdefault(member["name"], index)
         issues += _pin_issues(at + ("pin",), member["pin"])
-        module = _expanded(at + ("module",), member["module"], issues)
+        module = _expanded(at + ("module",), member["module"], issues, environment)
         if module == "":
             issues.append((at + ("module",), f"{_show(member['module'])} is empty once expanded"))
-        env = {key: _expanded(at + ("env", key), value, issues) for key, value in member.get("env", {}).items()}
+        env = {key: _expanded(at + ("env", key), value, issues, environment)
+               for key, value in member.get("env", {}).items()}
         specs.append(MemberSpec(name=member["name"], module=module, token_label=member["token_label"],
                                 pin=member["pin"], env=env, standby=member["standby"]))
     if all(spec.standby for spec in specs):
@@ -340,7 +358,7 @@ _REFERENCE = re.compile(r"\$\{([^}]*)(\}?)")
 _VARIABLE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def _expanded(path: FieldPath, text: str, issues: list[Issue]) -> str | None:
+def _expanded(path: FieldPath, text: str, issues: list[Issue], environment: bool = True) -> str | None:
     """``text`` with every ``${NAME}`` replaced from the environment, or None after adding the problem to ``issues``.
 
     Only the braced form is expanded (``$HOME`` stays as written), and an
@@ -358,12 +376,49 @@ def _expanded(path: FieldPath, text: str, issues: list[Issue]) -> str | None:
             issues.append((path, f"{_show('${' + name + '}')} is not a variable reference "
                                  "(write ${NAME}: letters, digits and '_', not starting with a digit)"))
             return None
+        if not environment:
+            continue  # checked for form only; kept as written
         if name not in os.environ:
             issues.append((path, f"environment variable {name} is not set (used as ${{{name}}})"))
             return None
         parts += [text[done:match.start()], os.environ[name]]
         done = match.end()
     return "".join(parts) + text[done:]
+
+
+# --------------------------------------------------------------------------- the audit record
+
+_SIZE_UNITS = {"B": 1, "kB": 1000, "KB": 1000, "KiB": 1024, "MB": 1000**2, "MiB": 1024**2,
+               "GB": 1000**3, "GiB": 1024**3}
+_SIZE = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]+)\s*")
+_MIN_ROTATE = 4096
+
+
+def _bytes(value: int | str) -> int | None:
+    if value == "never":
+        return None
+    if isinstance(value, int):
+        return value
+    match = _SIZE.fullmatch(value)
+    assert match is not None, "sizes are validated before they are read"
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2)])
+
+
+def _audit(doc: _Doc, origin: _Origin, environment: bool = True) -> AuditSpec | None:
+    """The ``audit`` section: the path expanded and made absolute, sizes in bytes."""
+    given = doc.data.get("audit")
+    if given is None:
+        return None
+    audit = _with_defaults(given, _pool_schema()["properties"]["audit"])
+    issues: list[Issue] = []
+    path = _expanded(("audit", "path"), audit["path"], issues, environment)
+    rotate = _bytes(audit["rotate_size"])
+    if rotate is not None and rotate < _MIN_ROTATE:
+        issues.append((("audit", "rotate_size"), f"{_show(audit['rotate_size'])} is below the minimum, 4KiB"))
+    _fail_first(doc, issues)
+    assert path is not None
+    return AuditSpec(path=origin.base_dir / path, rotate_bytes=rotate,
+                     keep=None if audit["keep"] == "all" else audit["keep"], fsync=audit["fsync"])
 
 
 # --------------------------------------------------------------------------- the policy

@@ -24,6 +24,11 @@ What each state asks the supervisor to do next (see ``connection.py``):
 - ``failed``: terminal. A PIN was rejected, or attempts ran out. Left only by
   an explicit ``reset``, because retrying a rejected PIN burns the token's
   retry counter and can lock it for good.
+
+``forked`` is fired in the child of a ``fork()``, on its first use of the
+connection: the sessions it inherited share the parent's socket and server
+state, so they are abandoned (never closed: that would log the parent out)
+and the child connects afresh with a module instance of its own.
 """
 
 from __future__ import annotations
@@ -60,6 +65,8 @@ class Event(StrEnum):
     # The application.
     CLOSE = "close"
     RESET = "reset"
+    # The process forked: in the child, every inherited session is abandoned (never closed).
+    FORKED = "forked"
 
 
 S, E = State, Event
@@ -99,6 +106,8 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
         (S.DEGRADED, E.HEALTHY, S.LOGGED_IN),
         *_rows(E.CLOSE, (S.DISCONNECTED, *_ALIVE), S.DISCONNECTED),
         (S.FAILED, E.RESET, S.DISCONNECTED),
+        # In a forked child. Not from failed: a rejected PIN stays rejected in every child.
+        *_rows(E.FORKED, (S.DISCONNECTED, *_ALIVE), S.DISCONNECTED),
     ]
 }
 

@@ -11,6 +11,7 @@ overran (``SlotConnection._overran``: cut the member's socket, leave
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 import weakref
@@ -56,4 +57,12 @@ class Watchdog:
                     log.exception("watchdog tick failed for %r", member)
 
 
+    def _after_fork_in_child(self) -> None:
+        """The watchdog thread does not exist in a forked child, and it may have held the lock
+        at the fork: a fresh lock, and the next :meth:`register` starts a thread of the child's own."""
+        self._lock = threading.Lock()
+        self._thread = None
+
+
 WATCHDOG = Watchdog()
+os.register_at_fork(after_in_child=WATCHDOG._after_fork_in_child)

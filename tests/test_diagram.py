@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+import pytest
+
 from hsmfsm import diagram, load_policy
 from hsmfsm.policy_loader import shipped_policies
 from hsmfsm.states import TRANSITIONS
@@ -41,18 +43,69 @@ def test_changing_one_code_changes_its_edge():
     assert len(gone) == len(new) == n_edges
 
 
-def test_svg_and_png_are_real_files(tmp_path):
-    policy = load_policy("network-hsm")
-    svg = diagram.write(policy, tmp_path / "m.svg").read_bytes()
-    png = diagram.write(policy, tmp_path / "m.png").read_bytes()
-    assert svg.lstrip().startswith(b"<?xml") and b"<svg" in svg
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+def all_shipped():
+    from hsmfsm.pool_config import load_pool, shipped_pools
+
+    return [(n, diagram.to_dot(load_policy(n))) for n in shipped_policies()] + \
+        [(n, diagram.pool_to_dot(load_pool(n, environment=False))) for n in shipped_pools()]
+
+
+def test_every_shipped_policy_and_pool_draws_as_real_dot_svg_and_png(tmp_path):
+    from hsmfsm import cli
+
+    names = [n for n, _ in all_shipped()]
+    assert {"default", "network-hsm", "ha-pool", "luna-ha"} <= set(names)
+    for name in names:
+        for ext in ("dot", "svg", "png"):
+            assert cli.main(["diagram", name, "-o", str(tmp_path / f"{name}.{ext}")]) == 0
+        dot = (tmp_path / f"{name}.dot").read_text()
+        assert dot.startswith("digraph ") and "->" in dot and "CKR_DEVICE_ERROR" in dot and "legend" in dot
+        svg = (tmp_path / f"{name}.svg").read_bytes()
+        assert svg.lstrip().startswith(b"<?xml") and b"<svg" in svg and b"CKR_PIN_INCORRECT" in svg
+        assert (tmp_path / f"{name}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert all(dot == again for (_, dot), (_, again) in zip(all_shipped(), all_shipped()))
 
 
 def test_committed_diagrams_match_the_code():
-    names = shipped_policies()
-    assert names
-    for name in names:
+    for name, dot in all_shipped():
         committed = ROOT / "diagrams" / f"{name}.dot"
         assert committed.exists(), f"{committed} missing: run make diagrams"
-        assert committed.read_text() == diagram.to_dot(load_policy(name)), f"{committed} is stale: run make diagrams"
+        assert committed.read_text() == dot, f"{committed} is stale: run make diagrams"
+        assert (ROOT / "diagrams" / f"{name}.svg").exists(), f"{name}.svg missing: run make diagrams"
+
+
+def test_a_pool_diagram_shows_members_roles_balance_recovery_and_each_machine():
+    from hsmfsm.pool_config import load_pool
+
+    spec = load_pool("luna-ha", environment=False)
+    dot = diagram.pool_to_dot(spec)
+    for m in spec.members:
+        assert f"member {m.name} ({'standby' if m.standby else 'active'})" in dot
+        edges = [line for line in dot.splitlines() if f'"{m.name}/' in line.split("->")[0] and "->" in line]
+        assert len(edges) == len(TRANSITIONS), m.name  # the member's whole slot machine
+    assert f"balance {spec.balance}" in dot and f"recovery {spec.recovery.mode}" in dot
+    assert f"every {spec.recovery.interval:g}s" in dot
+
+
+def test_live_diagram_highlights_each_members_state():
+    from hsmfsm.pool import MemberStatus
+    from hsmfsm.pool_config import load_pool
+
+    spec = load_pool("ha-pool", environment=False)
+    status = [MemberStatus("hsm-a", "active", "logged_in", None, None, 0, 6, None, 0),
+              MemberStatus("hsm-b", "active", "disconnected", "CKR_DEVICE_ERROR", 0x30, 2, 6, 3.0, 0)]
+    plain, live = diagram.pool_to_dot(spec), diagram.pool_to_dot(spec, status)
+    highlighted = [line.split()[0] for line in live.splitlines() if "fillcolor=gold" in line]
+    assert highlighted == ['"hsm-a/logged_in"', '"hsm-b/disconnected"']
+    assert "now: disconnected, last code CKR_DEVICE_ERROR, recovery 2/6" in live
+    assert "gold" not in plain
+
+
+def test_without_dot_a_clear_error_and_no_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(diagram.shutil, "which", lambda name: None)
+    with pytest.raises(diagram.DiagramError, match="apt-get install graphviz"):
+        diagram.write(load_policy("default"), tmp_path / "m.svg")
+    assert not (tmp_path / "m.svg").exists()
+    assert diagram.write(load_policy("default"), tmp_path / "m.dot").read_text().startswith("digraph")
+    with pytest.raises(diagram.DiagramError, match="unknown diagram format"):
+        diagram.write(load_policy("default"), tmp_path / "m.jpg")

@@ -20,6 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 SOFTHSM_UTIL = "softhsm2-util"
 P11_KIT = "p11-kit"
@@ -220,6 +221,9 @@ class NetworkHSM:
             self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
+        # The per-client children die with the listener; as orphans they are reaped by PID 1,
+        # which in a container can take seconds. Dead (zombie) is what matters here.
+        _wait_until(lambda: not live_group_members(self.proc.pid), 5.0)
         if self.proc.stderr:
             self.proc.stderr.close()
         self.proc = None
@@ -238,6 +242,34 @@ class NetworkHSM:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` that have not exited (zombies awaiting reaping do not count).
+
+    From /proc, by process group: by PID, never by name.
+    """
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            out.append(int(entry))
+    return out
+
+
+def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.005)
+    return True
 
 
 def load_raw_client(address: str, name: str = "raw-client"):
