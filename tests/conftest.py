@@ -44,6 +44,18 @@ def network_hsm(token: SoftHSMToken, tmp_path: Path) -> Iterator[NetworkHSM]:
         hsm.kill()
 
 
+@pytest.fixture
+def hsms(token: SoftHSMToken, tmp_path: Path) -> Iterator[tuple[NetworkHSM, NetworkHSM]]:
+    """Two network HSMs for a pool: replicas of the token, each behind its own `p11-kit server`."""
+    a = NetworkHSM(token.replicate(tmp_path / "a"), tmp_path / "a.sock").start()
+    b = NetworkHSM(token.replicate(tmp_path / "b"), tmp_path / "b.sock").start()
+    try:
+        yield a, b
+    finally:
+        a.kill()
+        b.kill()
+
+
 @pytest.fixture(scope="session")
 def client_module() -> str:
     return find_module("p11-kit-client")

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -240,19 +238,6 @@ def test_audit_command_exit_codes_and_messages(tmp_path):
 
 
 # --------------------------------------------------------------------------- on real HSMs
-
-
-@pytest.fixture
-def hsms(token, tmp_path):
-    from hsmfsm.lab import NetworkHSM
-
-    a = NetworkHSM(token.replicate(tmp_path / "a"), tmp_path / "a.sock").start()
-    b = NetworkHSM(token.replicate(tmp_path / "b"), tmp_path / "b.sock").start()
-    try:
-        yield a, b
-    finally:
-        a.kill()
-        b.kill()
 
 
 def pool_file(tmp_path: Path, client_module: str, hsms, label: str, log: str, pin_b: str = "env:AUDIT_PIN") -> Path:

@@ -20,7 +20,7 @@ from typing import Any, Callable
 import pytest
 
 from hsmfsm import SlotConnection
-from hsmfsm.lab import NetworkHSM, Relay
+from hsmfsm.lab import Relay
 from hsmfsm.pool import Pool
 from conftest import Recorder, sign_ec, verify, wait_for
 
@@ -214,17 +214,6 @@ def test_a_child_that_exits_with_finalisers_and_atexit_leaves_the_parent_alone(c
             sign_ec(extra, b"new connection in the parent")
     finally:
         conn.close()
-
-
-@pytest.fixture
-def hsms(token, tmp_path):
-    a = NetworkHSM(token.replicate(tmp_path / "a"), tmp_path / "a.sock").start()
-    b = NetworkHSM(token.replicate(tmp_path / "b"), tmp_path / "b.sock").start()
-    try:
-        yield a, b
-    finally:
-        a.kill()
-        b.kill()
 
 
 def make_pool(client_module, pin, policy, hsms) -> Pool:

@@ -10,20 +10,9 @@ import pytest
 
 from hsmfsm import SlotConnection
 from hsmfsm.errors import AllMembersDown
-from hsmfsm.lab import NetworkHSM, Relay
+from hsmfsm.lab import Relay
 from hsmfsm.pool import Pool, format_status
 from conftest import sign_ec, verify, wait_for
-
-
-@pytest.fixture
-def hsms(token, tmp_path):
-    a = NetworkHSM(token.replicate(tmp_path / "a"), tmp_path / "a.sock").start()
-    b = NetworkHSM(token.replicate(tmp_path / "b"), tmp_path / "b.sock").start()
-    try:
-        yield a, b
-    finally:
-        a.kill()
-        b.kill()
 
 
 def make_pool(client_module, pin, policy, members, *, mode="background", interval=0.3, max_attempts=6,
