@@ -433,6 +433,9 @@ def _policy(doc: _Doc, origin: _Origin, given: str | Mapping[str, Any], node: ya
 
 def _policy_file(doc: _Doc, name: str, base_dir: Path) -> Policy:
     """A shipped policy or a policy file; errors inside the file keep the file's own location."""
+    if _shipped_pool(name) is not None:
+        _fail_at(doc, ("policy",), f"{name!r} is a shipped pool, not a policy "
+                                   f"(shipped policies: {', '.join(shipped_policies())})")
     if _shipped(name) is not None:
         return load_policy(name)
     path = base_dir / name

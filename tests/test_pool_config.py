@@ -436,3 +436,10 @@ def test_check_any_files_in_a_subprocess_never_prints_a_traceback(mix: list[str]
     assert run.stdout.count("OK ") == 2
     assert len(run.stderr.splitlines()) == 3, run.stderr
     assert f"{mix[2]}:14: members[1].name: duplicate member name 'hsm-a'" in run.stderr
+
+
+def test_a_shipped_pool_named_as_the_policy_is_refused_clearly(tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD.replace("policy: network-hsm", "policy: ha-pool", 1))
+    exc = error_of(path)
+    assert (exc.field, str(exc).split(": ", 2)[-1]) == (
+        "policy", "'ha-pool' is a shipped pool, not a policy (shipped policies: default, network-hsm)")
