@@ -109,3 +109,28 @@ def test_without_dot_a_clear_error_and_no_file(tmp_path, monkeypatch):
     assert diagram.write(load_policy("default"), tmp_path / "m.dot").read_text().startswith("digraph")
     with pytest.raises(diagram.DiagramError, match="unknown diagram format"):
         diagram.write(load_policy("default"), tmp_path / "m.jpg")
+
+
+def test_live_command_connects_and_highlights_a_killed_member(client_module, hsms, token, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    a, b = hsms
+    pool_file = tmp_path / "pool.yaml"
+    pool_file.write_text(f"""\
+pool: signer
+policy: {{extends: network-hsm, name: live, operations: {{deadline: 2s, call_timeout: 1s}}}}
+members:
+  - {{name: hsm-a, module: {client_module}, env: {{P11_KIT_SERVER_ADDRESS: "{a.address}"}},
+      token_label: {token.label}, pin: env:LIVE_PIN}}
+  - {{name: hsm-b, module: {client_module}, env: {{P11_KIT_SERVER_ADDRESS: "{b.address}"}},
+      token_label: {token.label}, pin: env:LIVE_PIN}}
+""")
+    a.kill()
+    out = tmp_path / "live.dot"
+    proc = subprocess.run([sys.executable, "-m", "hsmfsm.cli", "diagram", "--live", str(pool_file), "-o", str(out)],
+                          capture_output=True, text=True, timeout=60, env={**os.environ, "LIVE_PIN": token.pin})
+    assert proc.returncode == 0, proc.stderr
+    highlighted = [line.split()[0] for line in out.read_text().splitlines() if "fillcolor=gold" in line]
+    assert highlighted == ['"hsm-a/disconnected"', '"hsm-b/logged_in"'], highlighted
