@@ -590,7 +590,9 @@ class Relay:
         """Start the child and return once it listens on `listen_path` (a stale file there is replaced)."""
         if self._proc is not None:
             raise RelayError(f"relay on {self.listen_path} already started (pid {self._proc.pid})")
-        argv = [sys.executable, "-m", __name__, str(self.listen_path), str(self.upstream_path),
+        # Not "-m": hsmfsm.lab imports this module first, and runpy would warn about running it twice.
+        argv = [sys.executable, "-c", f"import sys, {__name__} as r; sys.exit(r.main(sys.argv[1:]))",
+                str(self.listen_path), str(self.upstream_path),
                 "--latency", repr(self._latency)] + (["--trace"] if self._trace else [])
         package_root = str(Path(__file__).resolve().parents[2])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(
