@@ -48,9 +48,6 @@ from .records import TransitionRecord
 log = logging.getLogger("hsmfsm.audit")
 
 GENESIS = "0" * 64
-#: The fields of a transition line, in the order ``show`` cares about (JSON keys are sorted on disk).
-FIELDS = ("seq", "time", "kind", "pool", "member", "from", "to", "event", "code", "code_value", "attempt",
-          "generation", "prev", "hash")
 
 
 class AuditError(RuntimeError):

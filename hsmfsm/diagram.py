@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from .pool import MemberStatus
     from .pool_config import PoolSpec
 
+
 class DiagramError(RuntimeError):
     """The diagram cannot be written (for instance, Graphviz's ``dot`` is missing)."""
 
@@ -39,16 +40,22 @@ def _codes_by_event(policy: Policy) -> dict[str, list[str]]:
     return by_event
 
 
-def _edge_label(event: Event, codes: list[str], policy: Policy) -> str:
-    lines = [event.value, *codes]  # every code: an auditor must not have to guess "+N more"
+def _recovery_note(event: Event, policy: Policy) -> str | None:
+    """The policy's recovery setting behind a recovery edge (None for other events)."""
     if event is Event.CONNECT_FAILED:
         b = policy.connect.backoff
-        lines.append(f"backoff {b.initial:g}s x{b.multiplier:g} max {b.max:g}s jitter {b.jitter:g}")
+        return f"backoff {b.initial:g}s x{b.multiplier:g} max {b.max:g}s jitter {b.jitter:g}"
     if event is Event.GIVE_UP:
         n = policy.connect.max_attempts
-        lines.append(f"after {n} failed attempts" if n else "never: attempts unlimited")
+        return f"after {n} failed attempts" if n else "never: attempts unlimited"
     if event is Event.CALL_TIMEOUT:
-        lines.append(f"call > {policy.operations.call_timeout:g}s")
+        return f"call > {policy.operations.call_timeout:g}s"
+    return None
+
+
+def _edge_label(event: Event, codes: list[str], policy: Policy) -> str:
+    note = _recovery_note(event, policy)
+    lines = [event.value, *codes, *([note] if note else [])]  # every code: an auditor must not guess "+N more"
     return "\\n".join(lines)
 
 
@@ -119,8 +126,7 @@ def _code_table(policy: Policy) -> str:
         f"{'<br/>'.join(_html(c) for c in codes[event.value])}</td></tr>"
         for event in Event if codes.get(event.value))
     recovery = "".join(f"<tr><td align='left'>{_html(e.value)}</td><td align='left'>"
-                       f"{_html(_edge_label(e, [], policy).split(chr(92) + 'n', 1)[-1])}</td></tr>"
-                       for e in _RECOVERY_EVENTS)
+                       f"{_html(_recovery_note(e, policy))}</td></tr>" for e in _RECOVERY_EVENTS)
     return ("<<table border='0' cellborder='1' cellspacing='0' cellpadding='3'>"
             f"<tr><td colspan='2'><b>return codes under policy {_html(policy.name)}</b></td></tr>"
             f"{rows}<tr><td colspan='2'><b>recovery</b></td></tr>{recovery}</table>>")
