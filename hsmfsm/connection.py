@@ -410,7 +410,11 @@ class SlotConnection:
         with self._lock:
             if g is self._g:
                 self.last_code = code
-                if klass.event is Event.IMPAIRED:
+                if timed_out:
+                    # The watchdog cut this call off and fires call_timeout; this thread may
+                    # get here first, and the record must say the same thing either way.
+                    self._fire_if_legal(Event.CALL_TIMEOUT, code)
+                elif klass.event is Event.IMPAIRED:
                     if self._health.call_impaired() is Verdict.IMPAIRED:
                         self._fire_if_legal(Event.IMPAIRED, code)
                 elif klass.event is not None:
@@ -768,8 +772,12 @@ class SlotConnection:
                 self._fire(Event.FATAL, code)
                 return
             self._schedule.failed(_now())
-            event = klass.event if klass.event in (Event.SESSION_LOST, Event.CONNECTION_LOST) \
-                else Event.CONNECTION_LOST
+            if code is CALL_TIMEOUT:
+                event = Event.CALL_TIMEOUT  # as the watchdog records it, whichever thread comes first
+            elif klass.event in (Event.SESSION_LOST, Event.CONNECTION_LOST):
+                event = klass.event
+            else:
+                event = Event.CONNECTION_LOST
             self._fire_if_legal(event, code)
 
     def _probe(self) -> None:

@@ -12,7 +12,7 @@ import time
 import pytest
 
 import hsmfsm
-from hsmfsm import CallTimeout, LoginRejected, SlotConnection
+from hsmfsm import CallTimeout, HSMError, LoginRejected, SlotConnection
 from conftest import sign_ec, verify, wait_for
 
 
@@ -81,6 +81,46 @@ def test_hung_hsm_times_out_naming_the_member_then_recovers(client_module, netwo
             network_hsm.resume()
         assert wait_for(lambda: conn.state == "logged_in", 5.0)
         verify(network_hsm.token, "ec", b"back", sign_ec(conn, b"back"))
+
+
+def test_a_cut_off_call_is_recorded_as_call_timeout_whichever_thread_comes_first(
+        client_module, network_hsm, pin_env, fast_policy, recorder):
+    """The watchdog and the cut-off caller race to record the same loss; the record must not depend on who wins.
+
+    (Before the fix, a caller that took the lock first recorded ``connection_lost`` with
+    HSMFSM_CALL_TIMEOUT, because the policy's ``transport`` class binds that code.)
+    """
+    network_hsm.start()
+    with connect(client_module, network_hsm, pin_env, fast_policy(call_timeout=0.3), recorder, probe=False) as conn:
+        stop = threading.Event()
+
+        def signer() -> None:
+            while not stop.is_set():
+                try:
+                    sign_ec(conn, b"race")
+                except HSMError:
+                    pass
+
+        threads = [threading.Thread(target=signer) for _ in range(3)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(4):
+                assert wait_for(lambda: conn.state == "logged_in", 5.0)
+                network_hsm.hang()
+                try:
+                    assert wait_for(lambda: conn.state != "logged_in", 3.0)
+                finally:
+                    network_hsm.resume()
+            assert wait_for(lambda: conn.state == "logged_in", 5.0)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+    cut = [(r.source, r.event) for r in recorder.records if r.code_name == "HSMFSM_CALL_TIMEOUT"
+           and r.source in ("logged_in", "degraded")]
+    assert len(cut) >= 4, recorder.events()
+    assert {event for _, event in cut} == {"call_timeout"}, cut
 
 
 def test_hung_hsm_restarted_instead_of_resumed(client_module, network_hsm, pin_env, fast_policy):
