@@ -41,6 +41,7 @@ from pkcs11.exceptions import PKCS11Error
 from . import states
 from .codes import CALL_TIMEOUT, CKR_OK, Code, code_of
 from .errors import CallTimeout, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
+from .host import HostError, ModuleHost, client_module
 from .module import CKR_USER_ALREADY_LOGGED_IN, USER_SESSION_STATES, ModuleError, ModuleInstance
 from .pin import PinError, PinSource, PinSpec
 from .policy import Policy
@@ -50,6 +51,9 @@ from .states import Event, SlotMachine, State
 from .watchdog import WATCHDOG
 
 log = logging.getLogger("hsmfsm.connection")
+
+#: Where a connection runs its module: ``none`` in this process, ``process`` behind a private host.
+ISOLATION = ("none", "process")
 _now = time.monotonic
 
 #: Events after which no session of the current generation may be used again.
@@ -144,12 +148,20 @@ class SlotConnection:
     (``P11_KIT_SERVER_ADDRESS`` for p11-kit-client). ``pin`` is ``env:NAME``,
     ``file:PATH`` or a callable. Use as a context manager, or call
     :meth:`open` and :meth:`close`.
+
+    ``isolation="process"`` runs the module in a process of its own behind a
+    private ``p11-kit server`` (:mod:`hsmfsm.host`): a call hung inside a vendor
+    module can then be cut off at the call timeout, which no in-process module
+    allows. ``"none"`` (the default) loads the module here.
     """
 
     def __init__(self, module: str, token_label: str, pin: PinSpec, policy: Policy | None = None,
                  name: str | None = None, env: dict[str, str] | None = None, *,
                  probe: bool = True, rand: Callable[[], float] | None = None,
-                 wait_for_recovery: bool = True, auto_recover: bool = True) -> None:
+                 wait_for_recovery: bool = True, auto_recover: bool = True,
+                 isolation: str = "none") -> None:
+        if isolation not in ISOLATION:
+            raise ValueError(f"isolation must be one of {', '.join(ISOLATION)}, not {isolation!r}")
         if policy is None:
             from .policy_loader import default_policy
             policy = default_policy()
@@ -157,7 +169,15 @@ class SlotConnection:
         self.token_label = token_label
         self.policy = policy
         self._pin = PinSource(pin)
-        self._module = ModuleInstance(module, env, self.name)
+        self.isolation = isolation
+        self._host: ModuleHost | None = None
+        if isolation == "process":
+            if not os.path.exists(module):
+                raise ModuleError(f"{self.name}: PKCS#11 module {module} does not exist")
+            self._host = ModuleHost(module, env, token_label, self.name)
+            self._module = ModuleInstance(client_module(), self._host.client_env, self.name)
+        else:
+            self._module = ModuleInstance(module, env, self.name)
         self._machine = SlotMachine(self.name)
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
@@ -251,6 +271,8 @@ class SlotConnection:
             except _Busy:
                 log.warning("%s: closed without C_Finalize: a call is still stuck in the module", self.name)
         WATCHDOG.unregister(self)
+        if self._host is not None:
+            self._host.stop()
 
     def __enter__(self) -> "SlotConnection":
         return self.open()
@@ -507,7 +529,8 @@ class SlotConnection:
             return  # a forked child's watchdog, before this connection dropped what it inherited
         limit = self._timeout
         overran = False
-        slots: list[_CallSlot] = [self._supervisor_slot, *self._g.leases]
+        current = self._g
+        slots: list[_CallSlot] = [self._supervisor_slot, *current.leases]
         for g in list(self._retired):
             slots.extend(g.leases)
         for slot in slots:
@@ -516,9 +539,15 @@ class SlotConnection:
                 slot.timed_out = True
                 overran = True
         if overran:
+            # Kill the host's stuck children first: a reconnect (which needs a fresh child)
+            # can only start after the cut below has made the stuck call return.
+            killed = self._host.kill_stuck() if self._host is not None else 0
             cut = self._module.cut_off()
-            log.warning("%s: a call overran %gs; cut %d socket(s) to the HSM", self.name, limit, cut)
+            log.warning("%s: a call overran %gs; cut %d socket(s) to the HSM%s", self.name, limit, cut,
+                        f", killed {killed} stuck module process(es)" if self._host is not None else "")
             with self._lock:
+                if self._g is not current:
+                    return  # the cut-off caller recorded the loss first, and a new attempt may have begun
                 self.last_code = CALL_TIMEOUT
                 self._fire_if_legal(Event.CALL_TIMEOUT, CALL_TIMEOUT)
 
@@ -689,12 +718,19 @@ class SlotConnection:
         """connecting -> open: (re)initialise the module if asked, find the token, open the anchor session."""
         forgotten: list[_Generation] = []
         if not self._drain(self._timeout, forgotten):
+            if self._host is not None:
+                self._host.kill_stuck()
             self._module.cut_off()
             if not self._drain(self._timeout, forgotten):
                 self._attempt_failed(CALL_TIMEOUT, "calls of the old generation did not return")
                 return
         if not reinitialize and self._module.initialized and not self._close_lost_sessions(forgotten):
             return
+        if self._host is not None and (reinitialize or not self._module.initialized):
+            try:
+                self._host.ensure_running(self._timeout)
+            except HostError as exc:  # the attempt goes on and fails with the client's code
+                log.warning("%s: %s", self.name, exc)
         try:
             if reinitialize or not self._module.initialized:
                 self._epoch += 1

@@ -124,7 +124,7 @@ class Pool:
         members = [
             (SlotConnection(module=m.module, token_label=m.token_label, pin=m.pin, policy=member_policy,
                             name=m.name, env=dict(m.env), probe=background, wait_for_recovery=False,
-                            auto_recover=background), m.standby)
+                            auto_recover=background, isolation=m.isolation), m.standby)
             for m in spec.members
         ]
         audit = None

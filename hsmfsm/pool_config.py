@@ -93,6 +93,8 @@ class MemberSpec:
     pin: str
     env: Mapping[str, str]
     standby: bool = False
+    #: ``none`` (the module is loaded here) or ``process`` (behind a private host, :mod:`hsmfsm.host`).
+    isolation: str = "none"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "env", MappingProxyType(dict(self.env)))
@@ -337,7 +339,8 @@ def _members(doc: _Doc, environment: bool = True) -> tuple[MemberSpec, ...]:
         env = {key: _expanded(at + ("env", key), value, issues, environment)
                for key, value in member.get("env", {}).items()}
         specs.append(MemberSpec(name=member["name"], module=module, token_label=member["token_label"],
-                                pin=member["pin"], env=env, standby=member["standby"]))
+                                pin=member["pin"], env=env, standby=member["standby"],
+                                isolation=member["isolation"]))
     if all(spec.standby for spec in specs):
         issues.append((("members",), "every member is a standby; at least one must be active "
                                      "(leave out 'standby' or set it to false)"))

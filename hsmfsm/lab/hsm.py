@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from ..host import live_group_members
+
 SOFTHSM_UTIL = "softhsm2-util"
 P11_KIT = "p11-kit"
 
@@ -242,25 +244,6 @@ class NetworkHSM:
     @property
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
-
-
-def live_group_members(pgid: int) -> list[int]:
-    """The processes of group ``pgid`` that have not exited (zombies awaiting reaping do not count).
-
-    From /proc, by process group: by PID, never by name.
-    """
-    out = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as fh:
-                fields = fh.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != b"Z":
-            out.append(int(entry))
-    return out
 
 
 def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:

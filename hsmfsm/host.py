@@ -1,0 +1,274 @@
+"""A vendor module in a process of its own, so that a call hung inside it can be cut off.
+
+Why: a vendor PKCS#11 module (Luna, nShield, a cloud HSM client) is usually
+loaded into the signer's own process and talks to its network HSM over a
+socket the application cannot see. When that HSM stops answering, the
+module's C_Sign blocks in C, and nothing in the process can unblock it: the
+caller's thread hangs for as long as the vendor's own timeout, often forever.
+hsmfsm's watchdog can only cut calls that cross a socket *it* knows.
+
+How: with ``isolation: process`` the vendor module runs behind a private
+``p11-kit server`` (the same well-kept RPC the network-HSM path already uses,
+FACTS), and the connection loads ``p11-kit-client`` pointed at it. p11-kit
+serves each client connection from a ``p11-kit-remote`` child process that
+loads the vendor module. A call that overruns the call timeout is then cut off
+like any network call: the watchdog kills the stuck ``p11-kit-remote`` child
+(:meth:`ModuleHost.kill_stuck`) and shuts the client's socket, the caller gets
+:class:`~hsmfsm.errors.CallTimeout` within the call timeout, and the
+reconnect gets a fresh child with a fresh module instance. The cost is one
+local RPC per call (``hsmfsm bench`` prints it).
+
+No host outlives its owner: the server runs under a guardian shell that leads
+the process group and blocks reading a pipe whose write end only the owning
+process (and its forks) hold. When the owner exits by any means, even
+SIGKILL, the pipe reaches EOF and the guardian kills the whole group. The
+socket lives in a private 0700 directory, so no other user can reach the
+vendor module through it.
+
+Processes are found by process group, from /proc, never by name.
+"""
+
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import select
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from urllib.parse import quote
+
+log = logging.getLogger("hsmfsm.host")
+
+_CLIENT_CANDIDATES = ("/usr/lib/*/pkcs11/p11-kit-client.so", "/usr/lib/pkcs11/p11-kit-client.so",
+                      "/usr/lib64/pkcs11/p11-kit-client.so")
+
+#: The guardian: starts the server in the background, prints its PID, then waits for EOF on
+#: stdin (the owner is gone or closed the host) and kills the whole process group.
+_GUARDIAN = ('"$@" </dev/null >/dev/null 2>>"$HSMFSM_HOST_LOG" & echo "$!"; exec >/dev/null; '
+             'read _ignored; kill -s KILL 0')
+
+#: The longest unix socket path (sun_path) Linux accepts.
+_SUN_PATH_MAX = 107
+
+
+class HostError(RuntimeError):
+    """The module host could not be started; the message says why."""
+
+
+def client_module() -> str:
+    """The path of this machine's ``p11-kit-client.so`` (Debian package p11-kit-modules)."""
+    for pattern in _CLIENT_CANDIDATES:
+        for path in sorted(glob.glob(pattern)):
+            if os.path.exists(path):
+                return path
+    raise HostError("isolation: process needs p11-kit-client.so; install the Debian package p11-kit-modules")
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """The processes of group ``pgid`` that have not exited (zombies awaiting reaping do not count).
+
+    From /proc, by process group: by PID, never by name.
+    """
+    out = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as fh:
+                fields = fh.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != b"Z":
+            out.append(int(entry))
+    return out
+
+
+def _private_dir() -> Path:
+    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
+    if not os.path.isdir(base) or len(base) > _SUN_PATH_MAX - 40:
+        base = "/tmp"  # a socket path must fit in sun_path
+    return Path(tempfile.mkdtemp(prefix="hsmfsm-host-", dir=base))  # mode 0700
+
+
+class ModuleHost:
+    """One vendor module served to one slot connection by a private ``p11-kit server``.
+
+    Owned by the process that started it. In a forked child the host is used as it
+    is (the child's own ``p11-kit-client`` instance gets a ``p11-kit-remote`` of its
+    own), but only the owner kills stuck children or stops the host: the child cannot
+    tell its ``p11-kit-remote`` from the parent's.
+    """
+
+    def __init__(self, module: str, env: dict[str, str] | None, token_label: str, name: str) -> None:
+        self.module = module
+        self.env = dict(env or {})
+        self.token_label = token_label
+        self.name = name
+        self._dir: Path | None = None
+        self._guardian: subprocess.Popen | None = None
+        self._listener: int | None = None
+        self._owner = os.getpid()
+        self._socket: Path | None = None
+        self.restarts = 0
+
+    # -- what the connection needs ------------------------------------------
+
+    @property
+    def client_env(self) -> dict[str, str]:
+        """The environment the connection's ``p11-kit-client`` instance is loaded with."""
+        if self._socket is None:
+            self._dir = _private_dir()
+            self._socket = self._dir / "module.sock"
+        return {"P11_KIT_SERVER_ADDRESS": f"unix:path={self._socket}"}
+
+    @property
+    def guardian_pid(self) -> int | None:
+        """The host's process group (its guardian's PID), for audits and tests."""
+        return self._guardian.pid if self._guardian is not None else None
+
+    @property
+    def listener_pid(self) -> int | None:
+        return self._listener
+
+    def running(self) -> bool:
+        """Whether the guardian and the listener are both alive."""
+        if self._guardian is None or self._guardian.poll() is not None or self._listener is None:
+            return False
+        return self._listener in live_group_members(self._guardian.pid)
+
+    def ensure_running(self, timeout: float = 10.0) -> None:
+        """Start the host, or start it again if its listener died. Raises :class:`HostError`."""
+        if os.getpid() != self._owner or self.running():
+            return
+        if self._guardian is not None:
+            log.warning("%s: the module host's server is gone; starting it again", self.name)
+            self._stop_processes()
+            self.restarts += 1
+        self._start(timeout)
+
+    def kill_stuck(self) -> int:
+        """Kill every ``p11-kit-remote`` of this host (the calls into the vendor module); returns how many.
+
+        Called by the watchdog when a call overran the call timeout: the child is
+        stuck inside the vendor module, and only killing it frees what it holds.
+        The listener stays up, so the reconnect gets a fresh child.
+        """
+        if os.getpid() != self._owner or self._guardian is None:
+            return 0
+        keep = {self._guardian.pid, self._listener}
+        killed = 0
+        for pid in live_group_members(self._guardian.pid):
+            if pid in keep:
+                continue
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except ProcessLookupError:
+                pass
+        return killed
+
+    def stop(self) -> None:
+        """Kill the host's whole process group and remove its private directory."""
+        if os.getpid() != self._owner:
+            return
+        self._stop_processes()
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def last_error(self) -> str:
+        """The last line the server or its children wrote to stderr (vendor modules report there)."""
+        if self._dir is None:
+            return ""
+        try:
+            lines = (self._dir / "host.log").read_text(errors="replace").strip().splitlines()
+        except OSError:
+            return ""
+        return lines[-1][:300] if lines else ""
+
+    # -- the processes ----------------------------------------------------------
+
+    def _start(self, timeout: float) -> None:
+        p11_kit = shutil.which("p11-kit")
+        if p11_kit is None:
+            raise HostError(f"{self.name}: isolation: process needs p11-kit on PATH; install the Debian package p11-kit")
+        self.client_env  # noqa: B018 - creates the private directory and the socket path
+        assert self._socket is not None and self._dir is not None
+        self._socket.unlink(missing_ok=True)
+        env = {**os.environ, **self.env, "HSMFSM_HOST_LOG": str(self._dir / "host.log")}
+        env.pop("P11_KIT_SERVER_PID", None)
+        uri = f"pkcs11:token={quote(self.token_label, safe='')}"
+        self._guardian = subprocess.Popen(
+            ["/bin/sh", "-c", _GUARDIAN, "hsmfsm-host", p11_kit, "server", "--provider", self.module,
+             "-f", "-n", str(self._socket), uri],
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + timeout
+        try:
+            self._listener = self._read_listener_pid(deadline)
+            while not self._accepts():
+                if self._guardian.poll() is not None or self._listener not in live_group_members(self._guardian.pid):
+                    raise HostError(f"{self.name}: p11-kit server for {self.module} exited at start: "
+                                    f"{self.last_error() or 'no message'}")
+                if time.monotonic() > deadline:
+                    raise HostError(f"{self.name}: p11-kit server for {self.module} did not listen within {timeout:g}s")
+                time.sleep(0.005)
+        except BaseException:
+            self._stop_processes()
+            raise
+        log.info("%s: module host for %s listening (group %d)", self.name, self.module, self._guardian.pid)
+
+    def _read_listener_pid(self, deadline: float) -> int:
+        assert self._guardian is not None and self._guardian.stdout is not None
+        fd = self._guardian.stdout.fileno()
+        line = b""
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([fd], [], [], left)[0]:
+                raise HostError(f"{self.name}: the module host did not start within its timeout")
+            chunk = os.read(fd, 64)
+            if not chunk:
+                raise HostError(f"{self.name}: the module host exited at start")
+            line += chunk
+        self._guardian.stdout.close()
+        return int(line.strip())
+
+    def _accepts(self) -> bool:
+        assert self._socket is not None
+        if not self._socket.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            try:
+                s.connect(str(self._socket))
+            except OSError:
+                return False
+        return True
+
+    def _stop_processes(self) -> None:
+        guardian, self._guardian, self._listener = self._guardian, None, None
+        if guardian is None:
+            return
+        try:
+            os.killpg(guardian.pid, signal.SIGCONT)  # a stopped group must wake to die promptly
+            os.killpg(guardian.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            guardian.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            log.warning("%s: the module host's guardian (pid %d) did not exit", self.name, guardian.pid)
+        for pipe in (guardian.stdin, guardian.stdout):
+            if pipe is not None:
+                try:
+                    pipe.close()
+                except OSError:
+                    pass
+
+    def __repr__(self) -> str:
+        return f"ModuleHost({self.name!r}, module={self.module!r}, group={self.guardian_pid})"
