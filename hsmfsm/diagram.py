@@ -159,7 +159,8 @@ def pool_to_dot(spec: PoolSpec, status: Sequence[MemberStatus] | None = None) ->
         now = live.get(member.name)
         with g.subgraph(name=f"cluster_{index}") as c:
             label = [f"member {member.name} ({role})", f"token {member.token_label!r}",
-                     f"module {Path(member.module).name}"]
+                     f"module {Path(member.module).name}"
+                     + (" in a host process (isolation: process)" if member.isolation == "process" else "")]
             if now is not None:
                 attempts = "" if now.state in ("logged_in", "degraded") else \
                     f", recovery {now.recovery_attempts}/{'unlimited' if now.max_attempts is None else now.max_attempts}"

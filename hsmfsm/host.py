@@ -137,10 +137,12 @@ class ModuleHost:
         return self._listener
 
     def running(self) -> bool:
-        """Whether the guardian and the listener are both alive."""
-        if self._guardian is None or self._guardian.poll() is not None or self._listener is None:
+        """Whether the guardian and the listener are both alive (from /proc: a forked child cannot
+        ``poll()`` its parent's child)."""
+        if self._guardian is None or self._listener is None:
             return False
-        return self._listener in live_group_members(self._guardian.pid)
+        alive = live_group_members(self._guardian.pid)
+        return self._guardian.pid in alive and self._listener in alive
 
     def ensure_running(self, timeout: float = 10.0) -> None:
         """Start the host, or start it again if its listener died. Raises :class:`HostError`."""

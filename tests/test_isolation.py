@@ -183,3 +183,29 @@ def test_an_unknown_isolation_is_refused_with_its_line(tmp_path):
     with pytest.raises(ValueError, match="isolation must be one of none, process"):
         SlotConnection(module="/usr/lib/softhsm/libsofthsm2.so", token_label="t", pin="env:PIN",
                        isolation="thread")
+
+
+def test_a_forked_child_uses_the_parents_host_and_leaves_it_running(token, softhsm_module, tmp_path, pin_env,
+                                                                   fast_policy):
+    from test_fork import Child, child_signs, parent_signs_while
+
+    replica = token.replicate(tmp_path / "r")
+    with SlotConnection(module=softhsm_module, token_label=replica.label, pin=pin_env, policy=fast_policy(),
+                        name="h", env=replica.env, isolation="process") as conn:
+        verify(token, "ec", b"before", sign_ec(conn, b"before"))
+        generation, host = conn.generation, conn._host
+        group, listener = host.guardian_pid, host.listener_pid
+
+        def work() -> dict:
+            out = child_signs(conn, token, 5)()
+            out["state"] = conn.state
+            out["stopped"] = (conn.close(), host.running())[1]  # a child's close never stops the parent's host
+            return out
+
+        child = Child(work)
+        during = parent_signs_while(child, conn, token)
+        report = child.result(timeout=30)
+        assert report["signed"] == 5 and report["state"] == "logged_in" and report["stopped"] is True
+        verify(token, "ec", b"after", sign_ec(conn, b"after"))
+        assert during >= 3 and conn.generation == generation and conn.state == "logged_in"
+        assert host.running() and (host.guardian_pid, host.listener_pid) == (group, listener)
