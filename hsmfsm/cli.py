@@ -53,7 +53,7 @@ def _soak(args: argparse.Namespace) -> int:
     from .soak import run
 
     return run(duration=args.duration, threads=args.threads, seed=args.seed, members=args.members,
-               json_path=args.json)
+               json_path=args.json, isolation=args.isolation)
 
 
 def _diagram(args: argparse.Namespace) -> int:
@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=1, help="seed of the fault schedule (default 1)")
     p.add_argument("--members", type=int, choices=(2, 3), default=3, help="active members (default 3)")
     p.add_argument("--json", metavar="FILE", help="also write the tally as JSON to FILE")
+    p.add_argument("--isolation", choices=("none", "process"), default="none",
+                   help="where the active members' modules run (default none; process: in host processes)")
     p.set_defaults(fn=_soak)
     p = sub.add_parser("diagram", help="draw the slot machine under a policy, or a pool (.dot, .svg, .png)")
     p.add_argument("source", nargs="?", metavar="POLICY_OR_POOL",

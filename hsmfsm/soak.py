@@ -69,6 +69,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from .connection import SlotConnection
 from .errors import HSMError
+from .host import live_group_members
 from .lab import LabError, NetworkHSM, Relay, SoftHSMToken, find_module
 from .lab.relay import RelayError
 from .policy import Policy
@@ -479,8 +480,13 @@ class Row:
 
 def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int = 3,
         json_path: str | None = None, out: TextIO | None = None, call_timeout: float = 1.0,
-        deadline: float = 6.0) -> int:
-    """Run one soak; print the tally; return 0 when every "must be" row holds, else 1."""
+        deadline: float = 6.0, isolation: str = "none") -> int:
+    """Run one soak; print the tally; return 0 when every "must be" row holds, else 1.
+
+    ``isolation="process"`` loads every active member's module in a host process
+    (:mod:`hsmfsm.host`): the same faults then strike a module hsmfsm cannot cut off
+    from inside the process, and the host's stuck processes are what gets killed.
+    """
     if members not in (2, 3):
         raise ValueError("members must be 2 or 3")
     if duration < 10:
@@ -540,7 +546,8 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
         if in_main:
             saved_sigterm = signal.signal(signal.SIGTERM, on_sigterm)
 
-        say(f"soak: seed {seed}, {duration:g}s, {threads} signing threads, {members} members "
+        say(f"soak: seed {seed}, {duration:g}s, {threads} signing threads, {members} members, "
+            f"isolation {isolation}, "
             f"+ 1 standby with a wrong PIN; call timeout {call_timeout:g}s, deadline {deadline:g}s")
         say(f"provisioning a SoftHSM token and {members + 1} replicas in {tmp}")
         master = SoftHSMToken(root / "master", label="soak", pin=pin, rsa_keys=(), ec_keys=(KEY,)).provision()
@@ -565,7 +572,8 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
         client = find_module("p11-kit-client")
         conns = [(SlotConnection(module=client, token_label=master.label, pin=f"env:{PIN_ENV}", policy=member_policy,
                                  name=m.name, env={"P11_KIT_SERVER_ADDRESS": m.relay.address}, probe=True,
-                                 wait_for_recovery=False, auto_recover=True), False) for m in lab]
+                                 wait_for_recovery=False, auto_recover=True, isolation=isolation), False)
+                 for m in lab]
         conns.append((SlotConnection(module=client, token_label=master.label, pin=f"env:{WRONG_PIN_ENV}",
                                      policy=member_policy, name="hsm-w", env=wrong_hsm.client_env, probe=True,
                                      wait_for_recovery=False, auto_recover=True), True))
@@ -587,6 +595,7 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
         window_start: float | None = None
         left: dict[str, int] = {}
         links: dict[str, int] = {}
+        host_left: dict[str, int] = {}
         end_at = t0 + duration
 
         def down_now() -> set[str]:
@@ -696,6 +705,7 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
         expected_sessions = {n: 1 + len(pool.member(n)._g.leases) for n in names}
         wrong = pool.member("hsm-w")
         wrong_state, wrong_logins = wrong.state, wrong.login_attempts
+        hosts = {n: pool.member(n)._host.guardian_pid for n in names if pool.member(n)._host is not None}
         close_t0 = _now()
         pool.close()
         close_took = _now() - close_t0
@@ -704,7 +714,8 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
             left = {m.name: len(m.children()) for m in lab}
             left["hsm-w"] = len(_children(wrong_hsm.pid))
             links = {m.name: m.relay.connections for m in lab}
-            if not any(left.values()) and not any(links.values()):
+            host_left = {n: len(live_group_members(g)) if g else 0 for n, g in hosts.items()}
+            if not any(left.values()) and not any(links.values()) and not any(host_left.values()):
                 break
             time.sleep(0.05)
 
@@ -736,6 +747,8 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
             Row("p11-kit-remote children (= SoftHSM instances holding sessions) left after close", left,
                 "0 each", not any(left.values())),
             Row("relay links left open after close", links, "0 each", not any(links.values())),
+            *([Row("host processes (isolation: process) left after close", host_left, "0 each",
+                   not any(host_left.values()))] if hosts else []),
             Row("live sessions per member connection before close (anchor + leases in use)",
                 {n: f"{sessions_before[n]} of {expected_sessions[n]}" for n in names}, "no more",
                 all(sessions_before[n] == expected_sessions[n] for n in names)),
@@ -755,6 +768,7 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
         ]
         tally = {
             "seed": seed, "duration": duration, "workdir": tmp, "threads": threads, "members": members,
+            "isolation": isolation,
             "call_timeout": call_timeout, "deadline": deadline, "lost_after": lost_after,
             "faults_scheduled": len(schedule), "faults_applied": dict(applied), "faults_skipped": skipped,
             "all_down_windows": [[round(a, 2), round(b, 2)] for a, b in windows],

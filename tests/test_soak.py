@@ -11,6 +11,8 @@ import json
 import os
 import time
 
+import pytest
+
 from hsmfsm.soak import DOWN_KINDS, draw_schedule, run
 
 
@@ -30,10 +32,12 @@ def test_schedule_is_reproducible_and_never_takes_the_last_member_outside_window
         assert len(down) < len(names), (t, down)
 
 
-def test_twenty_second_soak_every_must_be_row_holds(tmp_path):
+@pytest.mark.parametrize("isolation", ["none", "process"])
+def test_twenty_second_soak_every_must_be_row_holds(tmp_path, isolation):
     out = io.StringIO()
     t0 = time.monotonic()
-    status = run(duration=20, threads=4, seed=1, members=3, json_path=str(tmp_path / "tally.json"), out=out)
+    status = run(duration=20, threads=4, seed=1, members=3, json_path=str(tmp_path / "tally.json"), out=out,
+                 isolation=isolation)
     took = time.monotonic() - t0
     text = out.getvalue()
     tally = json.loads((tmp_path / "tally.json").read_text())
@@ -49,6 +53,10 @@ def test_twenty_second_soak_every_must_be_row_holds(tmp_path):
     assert tally["texts_scanned_for_pins"]["log"] > 0
     assert tally["texts_scanned_for_pins"]["transition records"] > 0
     assert "RESULT: every must-be row holds" in text
+    host_row = "host processes (isolation: process) left after close"
+    assert (host_row in rows) == (isolation == "process")
+    if isolation == "process":
+        assert rows[host_row]["value"] == {"hsm-a": 0, "hsm-b": 0, "hsm-c": 0}
     assert took < 40, took
     assert not os.path.exists(tally["workdir"])  # the temporary directory is gone
 

@@ -1,0 +1,27 @@
+"""The names the README tells users to reach as ``hsmfsm.X`` exist, with the documented signature."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import hsmfsm
+
+README = Path(__file__).parent.parent / "README.md"
+
+
+def test_every_hsmfsm_name_the_readme_uses_is_exported():
+    names = set(re.findall(r"\bhsmfsm\.([A-Za-z_]\w*)\b", README.read_text()))
+    names -= {"transitions"}  # the logger's name, hsmfsm.transitions, not an attribute
+    assert {"Pool", "AllMembersDown", "SlotConnection", "load_policy"} <= names
+    missing = sorted(n for n in names if not hasattr(hsmfsm, n))
+    assert missing == [], f"README names hsmfsm.{missing} but the package does not export them"
+    assert set(hsmfsm.__all__) <= set(dir(hsmfsm))
+
+
+def test_slot_connection_takes_the_keywords_the_readme_shows():
+    params = inspect.signature(hsmfsm.SlotConnection).parameters
+    for keyword in ("module", "token_label", "pin", "policy", "name", "env", "isolation"):
+        assert keyword in params, keyword
+    assert params["isolation"].default == "none"
