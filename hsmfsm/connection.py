@@ -730,7 +730,7 @@ class SlotConnection:
             try:
                 self._host.ensure_running(self._timeout)
             except HostError as exc:  # the attempt goes on and fails with the client's code
-                log.warning("%s: %s", self.name, exc)
+                log.warning("%s", exc)  # the message names the member
         try:
             if reinitialize or not self._module.initialized:
                 self._epoch += 1

@@ -30,6 +30,7 @@ Processes are found by process group, from /proc, never by name.
 
 from __future__ import annotations
 
+import collections
 import glob
 import logging
 import os
@@ -37,8 +38,11 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from urllib.parse import quote
@@ -50,8 +54,10 @@ _CLIENT_CANDIDATES = ("/usr/lib/*/pkcs11/p11-kit-client.so", "/usr/lib/pkcs11/p1
 
 #: The guardian: starts the server in the background, prints its PID, then waits for EOF on
 #: stdin (the owner is gone or closed the host) and kills the whole process group.
-_GUARDIAN = ('"$@" </dev/null >/dev/null 2>>"$HSMFSM_HOST_LOG" & echo "$!"; exec >/dev/null; '
-             'read _ignored; kill -s KILL 0')
+_GUARDIAN = '"$@" </dev/null >/dev/null & echo "$!"; exec >/dev/null; read _ignored; kill -s KILL 0'
+
+#: Lines of the host's stderr kept for error messages (all of them also go to the log).
+_TAIL = 20
 
 #: The longest unix socket path (sun_path) Linux accepts.
 _SUN_PATH_MAX = 107
@@ -115,6 +121,7 @@ class ModuleHost:
         self._listener: int | None = None
         self._owner = os.getpid()
         self._socket: Path | None = None
+        self._stderr: collections.deque[str] = collections.deque(maxlen=_TAIL)
         self.restarts = 0
 
     # -- what the connection needs ------------------------------------------
@@ -185,13 +192,17 @@ class ModuleHost:
 
     def last_error(self) -> str:
         """The last line the server or its children wrote to stderr (vendor modules report there)."""
-        if self._dir is None:
-            return ""
-        try:
-            lines = (self._dir / "host.log").read_text(errors="replace").strip().splitlines()
-        except OSError:
-            return ""
-        return lines[-1][:300] if lines else ""
+        return self._stderr[-1] if self._stderr else ""
+
+    def _forward_stderr(self, pipe) -> None:
+        """p11-kit's and the vendor module's stderr, to the ``hsmfsm.host`` logger: an operator
+        sees the vendor's own words next to the transitions, and nothing grows on disk."""
+        with pipe:
+            for raw in iter(pipe.readline, b""):
+                line = raw.decode("utf-8", "replace").rstrip()[:300]
+                if line:
+                    self._stderr.append(line)
+                    log.warning("%s: module host: %s", self.name, line)
 
     # -- the processes ----------------------------------------------------------
 
@@ -199,18 +210,22 @@ class ModuleHost:
         p11_kit = shutil.which("p11-kit")
         if p11_kit is None:
             raise HostError(f"{self.name}: isolation: process needs p11-kit on PATH; install the Debian package p11-kit")
-        self.client_env  # noqa: B018 - creates the private directory and the socket path
+        self._check_loadable(timeout)
+        self.client_env  # noqa: B018 - chooses the private directory and the socket path
         assert self._socket is not None and self._dir is not None
+        self._claim_dir()
         self._socket.unlink(missing_ok=True)
-        env = {**os.environ, **self.env, "HSMFSM_HOST_LOG": str(self._dir / "host.log")}
+        env = {**os.environ, **self.env}
         env.pop("P11_KIT_SERVER_PID", None)
         uri = f"pkcs11:token={quote(self.token_label, safe='')}"
         self._guardian = subprocess.Popen(
             ["/bin/sh", "-c", _GUARDIAN, "hsmfsm-host", p11_kit, "server", "--provider", self.module,
              "-f", "-n", str(self._socket), uri],
-            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
             start_new_session=True,
         )
+        threading.Thread(target=self._forward_stderr, args=(self._guardian.stderr,), daemon=True,
+                         name=f"hsmfsm-host-stderr-{self.name}").start()
         deadline = time.monotonic() + timeout
         try:
             self._listener = self._read_listener_pid(deadline)
@@ -225,6 +240,36 @@ class ModuleHost:
             self._stop_processes()
             raise
         log.info("%s: module host for %s listening (group %d)", self.name, self.module, self._guardian.pid)
+
+    def _check_loadable(self, timeout: float) -> None:
+        """dlopen the module in a throwaway process first: p11-kit-remote says nothing when a
+        module fails to load (the client just sees CKR_DEVICE_ERROR), and the operator needs
+        the loader's own words."""
+        probe = ("import ctypes, sys\n"
+                 "try:\n    ctypes.CDLL(sys.argv[1]).C_GetFunctionList\n"
+                 "except (OSError, AttributeError) as exc:\n    print(exc); sys.exit(3)\n")
+        limit = max(timeout, 5.0)
+        try:
+            done = subprocess.run([sys.executable, "-c", probe, self.module], env={**os.environ, **self.env},
+                                  capture_output=True, text=True, timeout=limit)
+        except subprocess.TimeoutExpired:
+            raise HostError(f"{self.name}: loading {self.module} took over {limit:g}s") from None
+        if done.returncode != 0:
+            why = (done.stdout.strip() or done.stderr.strip() or f"exit status {done.returncode}")[-300:]
+            raise HostError(f"{self.name}: the PKCS#11 module {self.module} cannot be loaded: {why}")
+
+    def _claim_dir(self) -> None:
+        """(Re)create the private directory: after a close, the same path (the client instance
+        was loaded with it), but only as a fresh 0700 directory of this user, never one that
+        someone else made meanwhile."""
+        assert self._dir is not None
+        try:
+            os.mkdir(self._dir, 0o700)
+        except FileExistsError:
+            pass
+        st = os.lstat(self._dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077:
+            raise HostError(f"{self.name}: {self._dir} is not a private directory of this user; refusing it")
 
     def _read_listener_pid(self, deadline: float) -> int:
         assert self._guardian is not None and self._guardian.stdout is not None
@@ -265,7 +310,7 @@ class ModuleHost:
             guardian.wait(timeout=5)
         except subprocess.TimeoutExpired:
             log.warning("%s: the module host's guardian (pid %d) did not exit", self.name, guardian.pid)
-        for pipe in (guardian.stdin, guardian.stdout):
+        for pipe in (guardian.stdin, guardian.stdout):  # stderr: its reader thread closes it
             if pipe is not None:
                 try:
                     pipe.close()

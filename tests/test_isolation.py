@@ -209,3 +209,32 @@ def test_a_forked_child_uses_the_parents_host_and_leaves_it_running(token, softh
         verify(token, "ec", b"after", sign_ec(conn, b"after"))
         assert during >= 3 and conn.generation == generation and conn.state == "logged_in"
         assert host.running() and (host.guardian_pid, host.listener_pid) == (group, listener)
+
+
+def test_a_closed_isolated_connection_opens_again(token, softhsm_module, tmp_path, pin_env, fast_policy):
+    replica = token.replicate(tmp_path / "r")
+    conn = SlotConnection(module=softhsm_module, token_label=replica.label, pin=pin_env, policy=fast_policy(),
+                          name="again", env=replica.env, probe=False, isolation="process")
+    for round_ in range(2):
+        with conn:
+            verify(token, "ec", b"%d" % round_, sign_ec(conn, b"%d" % round_))
+            assert conn._host._dir.stat().st_mode & 0o777 == 0o700
+        assert not conn._host._dir.exists() and not conn._host.running()
+
+
+def test_a_module_that_cannot_be_loaded_is_named_with_the_loaders_words(token, tmp_path, pin_env, fast_policy,
+                                                                         caplog):
+    """p11-kit-remote is silent when a module fails to load; the host says why, and the connection keeps trying."""
+    bogus = tmp_path / "libvendor.so"
+    bogus.write_bytes(b"not a shared object\n" * 256)
+    conn = SlotConnection(module=str(bogus), token_label=token.label, pin=pin_env, policy=fast_policy(),
+                          name="bogus", probe=False, isolation="process")
+    with caplog.at_level("WARNING", logger="hsmfsm.connection"):
+        try:
+            conn.open(wait=1.0)
+            assert conn.state in ("disconnected", "connecting")
+        finally:
+            conn.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "hsmfsm.connection"]
+    assert any(m.startswith("bogus: the PKCS#11 module ") and f"{bogus} cannot be loaded:" in m
+               and "header" in m for m in messages), messages
