@@ -56,6 +56,7 @@ class MemberStatus:
     max_attempts: int | None
     next_attempt_in: float | None
     inflight: int
+    isolation: str = "none"  # "process": the module runs in a host process (hsmfsm.host)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -210,7 +211,8 @@ class Pool:
             code = c.last_code
             out.append(MemberStatus(c.name, "standby" if m.standby else "active", state,
                                     code.name if code else None, code.value if code else None, attempts,
-                                    self.max_attempts, None if c.serving else next_in, c.inflight))
+                                    self.max_attempts, None if c.serving else next_in, c.inflight,
+                                    c.isolation))
         return out
 
     def __repr__(self) -> str:
@@ -371,7 +373,8 @@ def format_status(pool: Pool) -> str:
             cap = "unlimited" if r.max_attempts is None else r.max_attempts
             nxt = "" if r.next_attempt_in is None else f", next in {r.next_attempt_in:.0f}s"
             extra = f"   recovery {r.recovery_attempts}/{cap}{nxt}"
-        role = "  (standby)" if r.role == "standby" else ""
+        role = ("  (standby)" if r.role == "standby" else "") + \
+            ("  (host process)" if r.isolation == "process" else "")
         lines.append(f"  {r.name:<{width}}   {r.state:<12} {code}{extra}{role}")
     serving = sum(1 for r in rows if r.state in ("logged_in", "degraded"))
     lines.append(f"Status: serving on {serving} of {len(rows)} members")

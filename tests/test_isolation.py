@@ -20,7 +20,7 @@ import pytest
 
 from hsmfsm import CallTimeout, Pool, PolicyError, SlotConnection, load_pool
 from hsmfsm.host import live_group_members
-from hsmfsm.lab import NetworkHSM
+from hsmfsm.pool import format_status
 from conftest import sign_ec, verify, wait_for
 
 
@@ -154,6 +154,9 @@ def test_a_pool_member_with_isolation_process(client_module, hsms, token, tmp_pa
     assert [m.isolation for m in spec.members] == ["process", "none"]
     with Pool.from_yaml(str(path)) as pool:
         assert pool.member("hsm-a").isolation == "process" and pool.member("hsm-a")._host is not None
+        assert [m.isolation for m in pool.status()] == ["process", "none"]
+        lines = format_status(pool).splitlines()
+        assert lines[1].endswith("(host process)") and not lines[2].endswith("(host process)"), lines
         for i in range(10):
             verify(token, "ec", b"%d" % i, sign_ec(pool, b"%d" % i))
         a.hang()
