@@ -172,8 +172,6 @@ class SlotConnection:
         self.isolation = isolation
         self._host: ModuleHost | None = None
         if isolation == "process":
-            if not os.path.exists(module):
-                raise ModuleError(f"{self.name}: PKCS#11 module {module} does not exist")
             self._host = ModuleHost(module, env, token_label, self.name)
             self._module = ModuleInstance(client_module(), self._host.client_env, self.name)
         else:
@@ -265,7 +263,7 @@ class SlotConnection:
         self._wake.set()
         if supervisor is not None:
             supervisor.join(self._timeout + 1.0)
-        if self._drain(self._timeout) or self._module.cut_off():
+        if self._drain(self._timeout) or self._cut_off()[1]:
             try:
                 self._watched(self._module.finalize)
             except _Busy:
@@ -539,10 +537,7 @@ class SlotConnection:
                 slot.timed_out = True
                 overran = True
         if overran:
-            # Kill the host's stuck children first: a reconnect (which needs a fresh child)
-            # can only start after the cut below has made the stuck call return.
-            killed = self._host.kill_stuck() if self._host is not None else 0
-            cut = self._module.cut_off()
+            killed, cut = self._cut_off()
             log.warning("%s: a call overran %gs; cut %d socket(s) to the HSM%s", self.name, limit, cut,
                         f", killed {killed} stuck module process(es)" if self._host is not None else "")
             with self._lock:
@@ -550,6 +545,15 @@ class SlotConnection:
                     return  # the cut-off caller recorded the loss first, and a new attempt may have begun
                 self.last_code = CALL_TIMEOUT
                 self._fire_if_legal(Event.CALL_TIMEOUT, CALL_TIMEOUT)
+
+    def _cut_off(self) -> tuple[int, int]:
+        """Make every call stuck in the module return: (host processes killed, sockets cut).
+
+        With a host, its stuck processes die first: a reconnect (which needs a fresh
+        one) can only start after the cut has made the stuck call return.
+        """
+        killed = self._host.kill_stuck() if self._host is not None else 0
+        return killed, self._module.cut_off()
 
     # -- fork ------------------------------------------------------------------
 
@@ -718,9 +722,7 @@ class SlotConnection:
         """connecting -> open: (re)initialise the module if asked, find the token, open the anchor session."""
         forgotten: list[_Generation] = []
         if not self._drain(self._timeout, forgotten):
-            if self._host is not None:
-                self._host.kill_stuck()
-            self._module.cut_off()
+            self._cut_off()
             if not self._drain(self._timeout, forgotten):
                 self._attempt_failed(CALL_TIMEOUT, "calls of the old generation did not return")
                 return

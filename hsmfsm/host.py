@@ -47,9 +47,12 @@ import time
 from pathlib import Path
 from urllib.parse import quote
 
+from .module import ModuleError
+
 log = logging.getLogger("hsmfsm.host")
 
-_CLIENT_CANDIDATES = ("/usr/lib/*/pkcs11/p11-kit-client.so", "/usr/lib/pkcs11/p11-kit-client.so",
+#: Where Debian and other distributions put p11-kit-client (the lab looks here too).
+CLIENT_CANDIDATES = ("/usr/lib/*/pkcs11/p11-kit-client.so", "/usr/lib/pkcs11/p11-kit-client.so",
                       "/usr/lib64/pkcs11/p11-kit-client.so")
 
 #: The guardian: starts the server in the background, prints its PID, then waits for EOF on
@@ -69,7 +72,7 @@ class HostError(RuntimeError):
 
 def client_module() -> str:
     """The path of this machine's ``p11-kit-client.so`` (Debian package p11-kit-modules)."""
-    for pattern in _CLIENT_CANDIDATES:
+    for pattern in CLIENT_CANDIDATES:
         for path in sorted(glob.glob(pattern)):
             if os.path.exists(path):
                 return path
@@ -95,6 +98,18 @@ def live_group_members(pgid: int) -> list[int]:
     return out
 
 
+def accepts(path: Path) -> bool:
+    """Whether a unix socket at ``path`` takes connections (a server is listening)."""
+    if not path.exists():
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 def _private_dir() -> Path:
     base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
     if not os.path.isdir(base) or len(base) > _SUN_PATH_MAX - 40:
@@ -112,6 +127,8 @@ class ModuleHost:
     """
 
     def __init__(self, module: str, env: dict[str, str] | None, token_label: str, name: str) -> None:
+        if not os.path.exists(module):
+            raise ModuleError(f"{name}: PKCS#11 module {module} does not exist")
         self.module = module
         self.env = dict(env or {})
         self.token_label = token_label
@@ -229,7 +246,7 @@ class ModuleHost:
         deadline = time.monotonic() + timeout
         try:
             self._listener = self._read_listener_pid(deadline)
-            while not self._accepts():
+            while not accepts(self._socket):
                 if self._guardian.poll() is not None or self._listener not in live_group_members(self._guardian.pid):
                     raise HostError(f"{self.name}: p11-kit server for {self.module} exited at start: "
                                     f"{self.last_error() or 'no message'}")
@@ -285,17 +302,6 @@ class ModuleHost:
             line += chunk
         self._guardian.stdout.close()
         return int(line.strip())
-
-    def _accepts(self) -> bool:
-        assert self._socket is not None
-        if not self._socket.exists():
-            return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(self._socket))
-            except OSError:
-                return False
-        return True
 
     def _stop_processes(self) -> None:
         guardian, self._guardian, self._listener = self._guardian, None, None

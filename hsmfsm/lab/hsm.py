@@ -14,7 +14,6 @@ import glob
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,14 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..host import live_group_members
+from ..host import CLIENT_CANDIDATES, accepts, live_group_members
 
 SOFTHSM_UTIL = "softhsm2-util"
 P11_KIT = "p11-kit"
 
 _MODULE_CANDIDATES = {
     "softhsm": ["/usr/lib/softhsm/libsofthsm2.so", "/usr/lib/*/softhsm/libsofthsm2.so"],
-    "p11-kit-client": ["/usr/lib/*/pkcs11/p11-kit-client.so", "/usr/lib/pkcs11/p11-kit-client.so"],
+    "p11-kit-client": list(CLIENT_CANDIDATES),
     "p11-kit-proxy": ["/usr/lib/*/p11-kit-proxy.so", "/usr/lib/p11-kit-proxy.so"],
 }
 
@@ -189,21 +188,11 @@ class NetworkHSM:
             if self.proc.poll() is not None:
                 err = self.proc.stderr.read().decode(errors="replace") if self.proc.stderr else ""
                 raise LabError(f"p11-kit server exited with {self.proc.returncode}: {err.strip()}")
-            if self._accepts():
+            if accepts(self.socket_path):
                 return self
             time.sleep(0.01)
         self.kill()
         raise LabError(f"p11-kit server did not listen on {self.socket_path} within {timeout}s")
-
-    def _accepts(self) -> bool:
-        if not self.socket_path.exists():
-            return False
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            try:
-                s.connect(str(self.socket_path))
-            except OSError:
-                return False
-        return True
 
     def _signal(self, sig: int) -> None:
         if self.proc is None:
