@@ -12,17 +12,18 @@ The public API::
         pool.sign("zsk", b"data", mechanism="SHA256_RSA_PKCS")
 """
 
-from .codes import Code, code_of
-from .connection import SlotConnection
-from .errors import (AllMembersDown, CallTimeout, HSMError, LoginRejected, MemberUnavailable, OperationFailed,
+from .core.codes import Code
+from .p11.codes import code_of
+from .runtime.connection import SlotConnection
+from .core.errors import (AllMembersDown, CallTimeout, HSMError, LoginRejected, MemberUnavailable, OperationFailed,
                      OutcomeUnknown)
-from .pin import PinError
-from .policy import Policy, PolicyError
-from .policy_loader import load_policy
-from .pool import MemberStatus, Pool
-from .pool_config import PoolSpec, load_pool
-from .records import TransitionRecord
-from .states import Event, IllegalTransition, State
+from .config.pin import PinError
+from .core.policy import Policy, PolicyError
+from .config.policy_file import load_policy
+from .runtime.pool import MemberStatus, Pool
+from .config.pool_file import PoolSpec, load_pool
+from .core.records import TransitionRecord
+from .core.states import Event, IllegalTransition, State
 
 __all__ = [
     "AllMembersDown", "CallTimeout", "Code", "Event", "HSMError", "IllegalTransition", "LoginRejected", "MemberStatus",

@@ -17,7 +17,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 
-from hsmfsm.lab import NetworkHSM, SoftHSMToken, find_module
+from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken, find_module
 
 PIN_ENV = "HSMFSM_TEST_PIN"
 

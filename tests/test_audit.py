@@ -17,10 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from hsmfsm import audit
-from hsmfsm.audit import AuditError, AuditLog, verify
-from hsmfsm.pool import Pool
-from hsmfsm.records import TransitionRecord
+from hsmfsm.audit import record as audit
+from hsmfsm.audit.record import AuditError, AuditLog, verify
+from hsmfsm.runtime.pool import Pool
+from hsmfsm.core.records import TransitionRecord
 from conftest import sign_ec, verify as verify_sig, wait_for
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -222,7 +222,7 @@ def test_audit_command_exit_codes_and_messages(tmp_path):
     log = write_log(tmp_path / "t.jsonl", 4)
 
     def cli(*args):
-        return subprocess.run([sys.executable, "-m", "hsmfsm.cli", "audit", *args], capture_output=True,
+        return subprocess.run([sys.executable, "-m", "hsmfsm", "audit", *args], capture_output=True,
                               text=True, timeout=60, cwd=ROOT)
 
     ok = cli("verify", str(log))

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from hsmfsm.pin import PinError, PinSource
+from hsmfsm.config.pin import PinError, PinSource
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def hsmfsm(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hsmfsm.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "hsmfsm", *args], capture_output=True, text=True,
                           timeout=timeout, cwd=ROOT)
 
 
@@ -91,7 +91,7 @@ def test_demo_entry_point_runs_clean_and_leaves_no_process(tmp_path):
     assert hsmfsm("audit", "verify", str(out / "transitions.jsonl")).returncode == 0
     pids = [int(p) for p in re.findall(r"p11-kit server pid (\d+)", text)]
     assert len(pids) == 2
-    from hsmfsm.lab.hsm import live_group_members
+    from hsmfsm.testing.lab.hsm import live_group_members
 
     for pid in pids:  # each server and its per-connection children ran in a process group of their own
         assert live_group_members(pid) == [], pid  # exited (orphans may wait for PID 1 to reap them)

@@ -10,7 +10,8 @@ import pkcs11
 import pkcs11.exceptions as exc
 import pytest
 
-from hsmfsm.codes import CKR, PSEUDO, code_from_name, code_of, name_of
+from hsmfsm.core.codes import CKR, code_from_name, name_of
+from hsmfsm.p11.codes import PSEUDO, code_of
 
 
 def _installed_table() -> list[tuple[str, str, str]]:

@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 
 from hsmfsm import OperationFailed, SlotConnection
-from hsmfsm.lab import Relay
+from hsmfsm.testing.lab import Relay
 from conftest import Recorder, sign_ec, verify
 
 

@@ -51,7 +51,7 @@ def test_server_down_at_start_keeps_retrying_until_it_appears(client_module, net
         assert conn.state in ("disconnected", "connecting")
         failures = [r for r in recorder.records if r.event == "connect_failed"]
         assert len(failures) >= 3
-        assert failures[0].code_name == "HSMFSM_NO_SUCH_TOKEN"  # the silent empty slot list (FACTS)
+        assert failures[0].code_name == "HSMFSM_NO_SUCH_TOKEN"  # the silent empty slot list (docs/FACTS.md)
         assert [r.attempt for r in failures[:3]] == [1, 2, 3]
         times = [r.time for r in recorder.records if r.event == "connect"]
         gaps = [b - a for a, b in zip(times, times[1:])]
@@ -153,7 +153,7 @@ def test_idle_connection_recovered_by_the_probe_alone(client_module, network_hsm
 def test_wrong_pin_is_tried_exactly_once(client_module, network_hsm, fast_policy, recorder, monkeypatch, caplog):
     import logging
 
-    from hsmfsm.lab.relay import Relay
+    from hsmfsm.testing.lab.relay import Relay
 
     caplog.set_level(logging.DEBUG)
     network_hsm.start()
@@ -219,7 +219,7 @@ def test_four_threads_on_in_process_softhsm_never_crash(token, softhsm_module, p
 
 
 def test_two_network_hsms_in_one_process_fail_independently(client_module, token, tmp_path, pin_env, fast_policy):
-    from hsmfsm.lab import NetworkHSM
+    from hsmfsm.testing.lab import NetworkHSM
 
     a = NetworkHSM(token.replicate(tmp_path / "a"), tmp_path / "a.sock").start()
     b = NetworkHSM(token.replicate(tmp_path / "b"), tmp_path / "b.sock").start()

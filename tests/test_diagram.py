@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from hsmfsm import diagram, load_policy
-from hsmfsm.policy_loader import shipped_policies
-from hsmfsm.states import TRANSITIONS
+from hsmfsm import load_policy
+from hsmfsm.audit import diagram
+from hsmfsm.config.policy_file import shipped_policies
+from hsmfsm.core.states import TRANSITIONS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -44,14 +45,14 @@ def test_changing_one_code_changes_its_edge():
 
 
 def all_shipped():
-    from hsmfsm.pool_config import load_pool, shipped_pools
+    from hsmfsm.config.pool_file import load_pool, shipped_pools
 
     return [(n, diagram.to_dot(load_policy(n))) for n in shipped_policies()] + \
         [(n, diagram.pool_to_dot(load_pool(n, environment=False))) for n in shipped_pools()]
 
 
 def test_every_shipped_policy_and_pool_draws_as_real_dot_svg_and_png(tmp_path):
-    from hsmfsm import cli
+    from hsmfsm.tools import cli
 
     names = [n for n, _ in all_shipped()]
     assert {"default", "network-hsm", "ha-pool", "luna-ha"} <= set(names)
@@ -75,7 +76,7 @@ def test_committed_diagrams_match_the_code():
 
 
 def test_a_pool_diagram_shows_members_roles_balance_recovery_and_each_machine():
-    from hsmfsm.pool_config import load_pool
+    from hsmfsm.config.pool_file import load_pool
 
     spec = load_pool("luna-ha", environment=False)
     dot = diagram.pool_to_dot(spec)
@@ -88,8 +89,8 @@ def test_a_pool_diagram_shows_members_roles_balance_recovery_and_each_machine():
 
 
 def test_live_diagram_highlights_each_members_state():
-    from hsmfsm.pool import MemberStatus
-    from hsmfsm.pool_config import load_pool
+    from hsmfsm.runtime.pool import MemberStatus
+    from hsmfsm.config.pool_file import load_pool
 
     spec = load_pool("ha-pool", environment=False)
     status = [MemberStatus("hsm-a", "active", "logged_in", None, None, 0, 6, None, 0),
@@ -129,7 +130,7 @@ members:
 """)
     a.kill()
     out = tmp_path / "live.dot"
-    proc = subprocess.run([sys.executable, "-m", "hsmfsm.cli", "diagram", "--live", str(pool_file), "-o", str(out)],
+    proc = subprocess.run([sys.executable, "-m", "hsmfsm", "diagram", "--live", str(pool_file), "-o", str(out)],
                           capture_output=True, text=True, timeout=60, env={**os.environ, "LIVE_PIN": token.pin})
     assert proc.returncode == 0, proc.stderr
     highlighted = [line.split()[0] for line in out.read_text().splitlines() if "fillcolor=gold" in line]

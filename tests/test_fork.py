@@ -20,8 +20,8 @@ from typing import Any, Callable
 import pytest
 
 from hsmfsm import SlotConnection
-from hsmfsm.lab import Relay
-from hsmfsm.pool import Pool
+from hsmfsm.testing.lab import Relay
+from hsmfsm.runtime.pool import Pool
 from conftest import Recorder, sign_ec, verify, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -182,7 +182,8 @@ def test_a_child_that_exits_with_finalisers_and_atexit_leaves_the_parent_alone(c
 
     import pkcs11
 
-    from hsmfsm import connection, module
+    from hsmfsm.p11 import module
+    from hsmfsm.runtime import connection
 
     network_hsm.start()
     conn, rec = open_conn(client_module, network_hsm.address, network_hsm.token, pin_env, fast_policy())
@@ -258,8 +259,8 @@ def test_fork_while_other_threads_hold_locks_and_are_inside_calls(client_module,
     (its call lock and p11-kit-client's own state taken), and while locks of the connection,
     the module loader and the watchdog are held: none of them exists any more in the child,
     and the child must not wait for them."""
-    from hsmfsm import module
-    from hsmfsm.watchdog import WATCHDOG
+    from hsmfsm.p11 import module
+    from hsmfsm.runtime.watchdog import WATCHDOG
 
     network_hsm.start()
     relay = Relay(tmp_path / "relay.sock", network_hsm.socket_path).start()

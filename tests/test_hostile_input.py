@@ -36,8 +36,8 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
 from hsmfsm import Policy, PolicyError
-from hsmfsm.policy_loader import INLINE, MAX_EXTENDS, MAX_FILE_BYTES, load_policy
-from hsmfsm.pool_config import PoolSpec, load_pool
+from hsmfsm.config.policy_file import INLINE, MAX_EXTENDS, MAX_FILE_BYTES, load_policy
+from hsmfsm.config.pool_file import PoolSpec, load_pool
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "policies"

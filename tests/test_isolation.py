@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from hsmfsm import CallTimeout, Pool, PolicyError, SlotConnection, load_pool
-from hsmfsm.host import live_group_members
-from hsmfsm.pool import format_status
+from hsmfsm.p11.host import live_group_members
+from hsmfsm.runtime.pool import format_status
 from conftest import sign_ec, verify, wait_for
 
 

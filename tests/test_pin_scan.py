@@ -18,10 +18,10 @@ import sys
 import pytest
 
 from hsmfsm import HSMError, SlotConnection
-from hsmfsm import diagram
-from hsmfsm.lab import NetworkHSM, SoftHSMToken
-from hsmfsm.pool import Pool, format_status
-from hsmfsm.pool_config import load_pool
+from hsmfsm.audit import diagram
+from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken
+from hsmfsm.runtime.pool import Pool, format_status
+from hsmfsm.config.pool_file import load_pool
 from conftest import sign_ec, wait_for
 
 RIGHT = "Qx7-pin-4Vw"
@@ -90,7 +90,7 @@ members:
         outputs["reprs"] += repr(direct)
         direct.close()
         a.start()
-        cli = subprocess.run([sys.executable, "-m", "hsmfsm.cli", "-v", "status", str(pool_path)],
+        cli = subprocess.run([sys.executable, "-m", "hsmfsm", "-v", "status", str(pool_path)],
                              capture_output=True, text=True, timeout=60, env=dict(os.environ))
         outputs["hsmfsm status"] = cli.stdout + cli.stderr
         assert "wrong-pin" in cli.stdout and "CKR_PIN_INCORRECT" in cli.stdout, cli.stdout + cli.stderr

@@ -9,9 +9,9 @@ import time
 import pytest
 
 from hsmfsm import SlotConnection
-from hsmfsm.errors import AllMembersDown
-from hsmfsm.lab import Relay
-from hsmfsm.pool import Pool, format_status
+from hsmfsm.core.errors import AllMembersDown
+from hsmfsm.testing.lab import Relay
+from hsmfsm.runtime.pool import Pool, format_status
 from conftest import sign_ec, verify, wait_for
 
 
@@ -265,7 +265,7 @@ members:
     a.kill()
 
     def status(*extra):
-        return subprocess.run([sys.executable, "-m", "hsmfsm.cli", "status", str(pool_file), *extra],
+        return subprocess.run([sys.executable, "-m", "hsmfsm", "status", str(pool_file), *extra],
                               capture_output=True, text=True, timeout=60, env=env)
 
     proc = status()

@@ -22,9 +22,9 @@ from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 import hsmfsm
-from hsmfsm.policy import PolicyError
-from hsmfsm.policy_loader import SCHEMA_PATH, load_policy, shipped_policies
-from hsmfsm.pool_config import (
+from hsmfsm.core.policy import PolicyError
+from hsmfsm.config.policy_file import SCHEMA_PATH, load_policy, shipped_policies
+from hsmfsm.config.pool_file import (
     POOL_SCHEMA_PATH,
     POOLS_DIR,
     MemberSpec,
@@ -84,7 +84,7 @@ def error_of(src: Any, **kwargs: Any) -> PolicyError:
 
 def test_the_shipped_pools_are_listed_and_the_policy_glob_does_not_see_them() -> None:
     assert shipped_pools() == ["ha-pool", "luna-ha"]
-    assert POOLS_DIR == Path(hsmfsm.__file__).parent / "policies"
+    assert POOLS_DIR == Path(hsmfsm.__file__).parent / "config" / "shipped"
     assert not set(shipped_pools()) & set(shipped_policies())
     for name in shipped_policies():  # what `make diagrams` and the policy tests do
         load_policy(name)

@@ -15,9 +15,9 @@ import pkcs11
 import pytest
 
 from hsmfsm import SlotConnection
-from hsmfsm.errors import OutcomeUnknown
-from hsmfsm.lab import NetworkHSM, Relay
-from hsmfsm.pool import Pool
+from hsmfsm.core.errors import OutcomeUnknown
+from hsmfsm.testing.lab import NetworkHSM, Relay
+from hsmfsm.runtime.pool import Pool
 from conftest import sign_ec, verify, wait_for
 
 pytestmark = pytest.mark.timeout(120)

@@ -1,7 +1,7 @@
 """The reply-rewriting relay, on real tokens behind a real `p11-kit server`.
 
 Each test gets its own server and relay; the client module is loaded through
-a fresh symlink per test because `pkcs11.lib` caches per path (FACTS), and
+a fresh symlink per test because `pkcs11.lib` caches per path (docs/FACTS.md), and
 P11_KIT_SERVER_ADDRESS is read when the module is loaded.
 """
 
@@ -30,9 +30,9 @@ from pkcs11.exceptions import (
     UserAlreadyLoggedIn,
 )
 
-from hsmfsm.lab.hsm import load_raw_client
-from hsmfsm.lab import NetworkHSM, SoftHSMToken
-from hsmfsm.lab.relay import CALL_IDS, Relay, RelayError
+from hsmfsm.testing.lab.hsm import load_raw_client
+from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken
+from hsmfsm.testing.lab.relay import CALL_IDS, Relay, RelayError
 
 CKR_DEVICE_REMOVED = 0x32
 CKR_PIN_INCORRECT = 0xA0

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from hsmfsm.soak import DOWN_KINDS, draw_schedule, run
+from hsmfsm.tools.soak import DOWN_KINDS, draw_schedule, run
 
 
 def test_schedule_is_reproducible_and_never_takes_the_last_member_outside_windows():
@@ -66,8 +66,8 @@ def test_session_lost_closes_the_lost_generations_sessions(client_module, networ
     import threading
 
     from hsmfsm import SlotConnection
-    from hsmfsm.lab import Relay
-    from hsmfsm.soak import _SessionCounter
+    from hsmfsm.testing.lab import Relay
+    from hsmfsm.tools.soak import _SessionCounter
     from conftest import sign_ec
 
     network_hsm.start()
@@ -107,8 +107,8 @@ def test_the_workload_counts_wrong_signatures_unhandled_errors_and_lost_calls(to
 
     from cryptography.hazmat.primitives import serialization
 
-    from hsmfsm.errors import MemberUnavailable
-    from hsmfsm.soak import _Secrets, _Workload
+    from hsmfsm.core.errors import MemberUnavailable
+    from hsmfsm.tools.soak import _Secrets, _Workload
 
     public = serialization.load_der_public_key(token.public_key_der("ec"))
     calls = iter(range(1000))

@@ -11,9 +11,9 @@ from hypothesis import assume, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from hsmfsm.policy import Backoff, ConnectPolicy, DegradedPolicy, ProbePolicy
-from hsmfsm.recovery import HealthTracker, ReconnectSchedule, Verdict
-from hsmfsm.states import (
+from hsmfsm.core.policy import Backoff, ConnectPolicy, DegradedPolicy, ProbePolicy
+from hsmfsm.core.recovery import HealthTracker, ReconnectSchedule, Verdict
+from hsmfsm.core.states import (
     INITIAL,
     SERVING,
     TERMINAL,

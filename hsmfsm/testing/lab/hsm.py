@@ -4,7 +4,7 @@ The demo, the benchmark and the tests all need real PKCS#11 tokens that they
 can provision, kill, hang and restart without touching anything outside a
 temporary directory. This module is that lab. It never finds a process by
 name: every server is started in its own process group and stopped by PID
-(FACTS: `ps | grep p11-kit` does not even see the server, its argv[0] is
+(docs/FACTS.md: `ps | grep p11-kit` does not even see the server, its argv[0] is
 `server`).
 """
 
@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..host import CLIENT_CANDIDATES, accepts, live_group_members
+from ...p11.host import CLIENT_CANDIDATES, accepts, live_group_members
 
 SOFTHSM_UTIL = "softhsm2-util"
 P11_KIT = "p11-kit"
@@ -127,7 +127,7 @@ class SoftHSMToken:
         return self
 
     def replicate(self, root: Path) -> "SoftHSMToken":
-        """An HA replica: same label, serial and keys, in a token directory of its own (FACTS)."""
+        """An HA replica: same label, serial and keys, in a token directory of its own (docs/FACTS.md)."""
         copy = SoftHSMToken(Path(root), self.label, self.pin, self.so_pin, self.rsa_keys, self.ec_keys)
         copy.root.mkdir(parents=True, exist_ok=True)
         copy._write_conf()
@@ -150,7 +150,7 @@ class NetworkHSM:
 
     The server runs in a process group of its own, because it forks one
     `p11-kit-remote` child per client: killing only the listener would leave
-    existing connections alive (FACTS). `kill`, `hang` and `resume` signal the
+    existing connections alive (docs/FACTS.md). `kill`, `hang` and `resume` signal the
     whole group.
     """
 
@@ -250,11 +250,11 @@ def load_raw_client(address: str, name: str = "raw-client"):
     For baselines and wire tests that must bypass hsmfsm. It loads under a
     path of its own, because python-pkcs11 caches per path, with
     ``P11_KIT_SERVER_ADDRESS`` applied under hsmfsm's environment lock,
-    because p11-kit-client reads it at load time (FACTS).
+    because p11-kit-client reads it at load time (docs/FACTS.md).
     """
     import pkcs11
 
-    from ..module import _ENV_LOCK, _environment, _private_path
+    from ...p11.module import _ENV_LOCK, _environment, _private_path
 
     path = _private_path(find_module("p11-kit-client"), name)
     with _ENV_LOCK, _environment({"P11_KIT_SERVER_ADDRESS": address}):

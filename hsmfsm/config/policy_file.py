@@ -42,8 +42,8 @@ from typing import Any, Callable, Iterator, Mapping, NoReturn, TextIO, Union
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 
-from .codes import ALL_NAMES, code_from_name
-from .policy import (
+from ..core.codes import ALL_NAMES, code_from_name
+from ..core.policy import (
     Backoff,
     CodeClass,
     ConnectPolicy,
@@ -53,10 +53,10 @@ from .policy import (
     PolicyError,
     ProbePolicy,
 )
-from .states import CODE_EVENTS, Event
+from ..core.states import CODE_EVENTS, Event
 
 #: Where the shipped policies live (a symlink to the repository's ``policies/``).
-SHIPPED_DIR = Path(__file__).parent / "policies"
+SHIPPED_DIR = Path(__file__).parent / "shipped"
 SCHEMA_PATH = Path(__file__).parent / "policy.schema.json"
 
 #: A commented policy is a few kilobytes; anything near this is not a policy.
@@ -116,7 +116,7 @@ def default_policy() -> Policy:
 
 def shipped_policies() -> list[str]:
     """Names of the policies shipped with hsmfsm, for ``extends`` and error hints."""
-    from .pool_config import is_pool_file  # pool files share the folder; they are not policies
+    from .pool_file import is_pool_file  # pool files share the folder; they are not policies
 
     return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml") if not is_pool_file(p))
 

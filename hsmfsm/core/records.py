@@ -8,13 +8,9 @@ built only from those fields.
 
 from __future__ import annotations
 
-import logging
-import threading
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable
-
-log = logging.getLogger("hsmfsm.transitions")
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,30 +42,3 @@ class TransitionRecord:
 
 
 Listener = Callable[[TransitionRecord], None]
-
-
-class Listeners:
-    """Listeners of one connection. A failing listener is logged, never propagated:
-    recording a transition must not break recovery or a sign call."""
-
-    def __init__(self) -> None:
-        self._items: tuple[Listener, ...] = ()
-        self._lock = threading.Lock()
-
-    def add(self, listener: Listener) -> None:
-        with self._lock:
-            self._items = (*self._items, listener)
-
-    def remove(self, listener: Listener) -> None:
-        with self._lock:
-            self._items = tuple(x for x in self._items if x is not listener)
-
-    def emit(self, record: TransitionRecord) -> None:
-        level = logging.WARNING if record.dest in ("disconnected", "failed") and record.event != "close" \
-            else logging.INFO
-        log.log(level, "%s", record)
-        for listener in self._items:
-            try:
-                listener(record)
-            except Exception:  # noqa: BLE001 - a listener must never break recovery
-                log.exception("transition listener %r failed", listener)

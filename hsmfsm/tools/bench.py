@@ -17,10 +17,10 @@ from typing import Callable, TextIO
 
 import pkcs11
 
-from .connection import SlotConnection
-from .lab import NetworkHSM, SoftHSMToken, find_module
-from .lab.hsm import load_raw_client
-from .policy_loader import load_policy
+from ..runtime.connection import SlotConnection
+from ..testing.lab import NetworkHSM, SoftHSMToken, find_module
+from ..testing.lab.hsm import load_raw_client
+from ..config.policy_file import load_policy
 
 _DATA = b"hsmfsm benchmark payload" * 4
 _DIGEST = hashlib.sha256(_DATA).digest()
@@ -67,8 +67,8 @@ def _row(case: str, fig: dict[str, float], out: TextIO) -> None:
 
 _WORKER = r"""
 import os, sys, time, pkcs11
-from hsmfsm.bench import _CASES, _rate
-from hsmfsm.lab import find_module
+from hsmfsm.tools.bench import _CASES, _rate
+from hsmfsm.testing.lab import find_module
 kind, case, seconds, label, pin = sys.argv[1], sys.argv[2], float(sys.argv[3]), sys.argv[4], sys.argv[5]
 key_label, data, mech = _CASES[case]
 if kind == "raw":
@@ -133,7 +133,7 @@ def _threads_rate(fn: Callable[[], object], threads: int, seconds: float) -> flo
 def _pool_figures(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path, rounds: int, seconds: float,
                   out: TextIO) -> dict[str, dict[str, float]]:
     """Two members (replicas behind their own servers) against one raw session on one server."""
-    from .pool import Pool
+    from ..runtime.pool import Pool
 
     replica = NetworkHSM(token.replicate(workdir / "replica"), workdir / "replica.sock").start()
     results: dict[str, dict[str, float]] = {}

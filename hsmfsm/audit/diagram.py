@@ -16,12 +16,12 @@ from typing import TYPE_CHECKING, Sequence
 
 import graphviz
 
-from .policy import Policy
-from .states import SERVING, TERMINAL, TRANSITIONS, Event, State
+from ..core.policy import Policy
+from ..core.states import SERVING, TERMINAL, TRANSITIONS, Event, State
 
 if TYPE_CHECKING:
-    from .pool import MemberStatus
-    from .pool_config import PoolSpec
+    from ..runtime.pool import MemberStatus
+    from ..config.pool_file import PoolSpec
 
 
 class DiagramError(RuntimeError):
@@ -138,7 +138,7 @@ def pool_to_dot(spec: PoolSpec, status: Sequence[MemberStatus] | None = None) ->
     ``status`` (from :meth:`hsmfsm.pool.Pool.status`) highlights each member's
     current state: the live picture of ``hsmfsm diagram --live``.
     """
-    from .pool import Pool
+    from ..runtime.pool import Pool
 
     r = spec.recovery
     policy = Pool.member_policy(spec.policy, r.mode, r.interval, r.max_attempts)

@@ -43,7 +43,7 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .records import TransitionRecord
+from ..core.records import TransitionRecord
 
 log = logging.getLogger("hsmfsm.audit")
 

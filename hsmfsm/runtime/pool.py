@@ -32,12 +32,12 @@ from typing import Any, Callable, Iterable
 
 import pkcs11
 
-from .audit import AuditLog
+from ..audit.record import AuditLog
 from .connection import SlotConnection
-from .errors import AllMembersDown, HSMError, OutcomeUnknown
-from .policy import Backoff, Policy
-from .records import Listener, TransitionRecord
-from .states import State
+from ..core.errors import AllMembersDown, HSMError, OutcomeUnknown
+from ..core.policy import Backoff, Policy
+from ..core.records import Listener, TransitionRecord
+from ..core.states import State
 
 _now = time.monotonic
 BALANCES = ("round_robin", "least_busy", "primary")
@@ -138,7 +138,7 @@ class Pool:
     @classmethod
     def from_yaml(cls, path: str) -> "Pool":
         """Load a pool file (raises :class:`hsmfsm.PolicyError` naming file, line and field)."""
-        from .pool_config import load_pool
+        from ..config.pool_file import load_pool
 
         return cls.from_spec(load_pool(path))
 

@@ -1,7 +1,7 @@
 """One thread per process that notices PKCS#11 calls overrunning their timeout.
 
 Handing every call to a worker thread to enforce a timeout costs tens of
-microseconds on a ~45 us sign (FACTS). Instead the caller stays in its own
+microseconds on a ~45 us sign (docs/FACTS.md). Instead the caller stays in its own
 thread and only writes the monotonic time it started into its call slot; this
 watchdog looks at the slots a few times per timeout and acts on the ones that
 overran (``SlotConnection._overran``: cut the member's socket, leave

@@ -34,8 +34,8 @@ import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 
 from .pin import PinError, PinSource
-from .policy import Policy, PolicyError
-from .policy_loader import (
+from ..core.policy import Policy, PolicyError
+from .policy_file import (
     MAX_FILE_BYTES,
     ROOT_FIELD,
     SHIPPED_DIR,

@@ -16,7 +16,7 @@ Three kinds of thread touch a connection, and each has one job:
 
 Decisions are made under ``_lock``; PKCS#11 calls are made outside it.
 
-Stale handles (FACTS): after a reinitialise, old Session and key objects may
+Stale handles (docs/FACTS.md): after a reinitialise, old Session and key objects may
 alias new handles. Every session belongs to a :class:`_Generation`; a loss
 retires the generation, the supervisor waits until every lease of retired
 generations is back (drain) before it reinitialises, and a lease whose
@@ -38,16 +38,18 @@ from pkcs11 import ObjectClass
 from pkcs11._pkcs11 import SearchIter
 from pkcs11.exceptions import PKCS11Error
 
-from . import states
-from .codes import CALL_TIMEOUT, CKR_OK, Code, code_of
-from .errors import CallTimeout, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
-from .host import HostError, ModuleHost, client_module
-from .module import CKR_USER_ALREADY_LOGGED_IN, USER_SESSION_STATES, ModuleError, ModuleInstance
-from .pin import PinError, PinSource, PinSpec
-from .policy import Policy
-from .records import Listener, Listeners, TransitionRecord
-from .recovery import HealthTracker, ReconnectSchedule, Verdict
-from .states import Event, SlotMachine, State
+from ..core import states
+from ..core.codes import CALL_TIMEOUT, CKR_OK, Code
+from ..p11.codes import code_of
+from ..core.errors import CallTimeout, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
+from ..p11.host import HostError, ModuleHost, client_module
+from ..p11.module import CKR_USER_ALREADY_LOGGED_IN, USER_SESSION_STATES, ModuleError, ModuleInstance
+from ..config.pin import PinError, PinSource, PinSpec
+from ..core.policy import Policy
+from ..core.records import Listener, TransitionRecord
+from .listeners import Listeners
+from ..core.recovery import HealthTracker, ReconnectSchedule, Verdict
+from ..core.states import Event, SlotMachine, State
 from .watchdog import WATCHDOG
 
 log = logging.getLogger("hsmfsm.connection")
@@ -163,7 +165,7 @@ class SlotConnection:
         if isolation not in ISOLATION:
             raise ValueError(f"isolation must be one of {', '.join(ISOLATION)}, not {isolation!r}")
         if policy is None:
-            from .policy_loader import default_policy
+            from ..config.policy_file import default_policy
             policy = default_policy()
         self.name = name or token_label
         self.token_label = token_label
@@ -197,7 +199,7 @@ class SlotConnection:
         #: Serialises calls into modules that are unsafe for concurrent callers. p11-kit-client
         #: is one: when a call fails, it closes its socket while another thread may be about to
         #: read that fd number, which a new socket may reuse (measured: a probe thread wedged
-        #: for good). It serves one request at a time per connection anyway (FACTS).
+        #: for good). It serves one request at a time per connection anyway (docs/FACTS.md).
         self._call_lock: threading.Lock | None = threading.Lock() if self._module.can_cut_off else None
         self._failure: Exception | None = None
         #: C_Initialize calls made on the module instance (see ``_Generation.epoch``).
@@ -400,7 +402,7 @@ class SlotConnection:
         return key
 
     def _new_lease(self, g: _Generation) -> _Lease | None:
-        """Open one more session (no PIN: login is per application, FACTS) for a caller."""
+        """Open one more session (no PIN: login is per application, docs/FACTS.md) for a caller."""
         lease = _Lease(g)
         with self._lock:
             if g is not self._g or not g.ready:
@@ -866,7 +868,7 @@ def _find_one(session: Any, label: str, klass: ObjectClass) -> Any:
     python-pkcs11's ``get_key`` can leave its search operation active (when
     C_FindObjectsInit fails, or when the generator is dropped half-way); its
     finaliser then calls C_FindObjectsFinal at garbage collection and, on a
-    dead link, raises into the void (FACTS). This runs the same SearchIter by
+    dead link, raises into the void (docs/FACTS.md). This runs the same SearchIter by
     hand and always finishes it here, while the lease (and so its generation)
     is still held: the drain waits for us, so the handle cannot be stale yet.
     """

@@ -2,8 +2,8 @@
 
 A policy is a value, in the manner of urllib3's ``Retry``: one immutable object
 holds every knob, each field documented with its default. The YAML format is
-defined once, by ``hsmfsm/policy.schema.json`` (which editors can use to
-validate policies as they are written); ``policy_loader.py`` checks a file
+defined once, by ``hsmfsm/config/policy.schema.json`` (which editors can use to
+validate policies as they are written); ``hsmfsm.config.policy_file`` checks a file
 against it and builds these objects, and every error names the file, line and
 field. Nothing here reads a clock or touches an HSM.
 
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Mapping
 
-from .codes import Code, code_of
+from .codes import Code
 from .states import Event
 
 #: Operations hsmfsm knows; a policy may declare any subset idempotent.
@@ -157,9 +157,6 @@ class Policy:
         """The class a return code belongs to under this policy."""
         return self.classes[self.codes.get(code.name, self.default_class)]
 
-    def classify(self, error: BaseException) -> tuple[Code, CodeClass]:
-        code = code_of(error)
-        return code, self.class_of(code)
 
     def is_idempotent(self, operation: str) -> bool:
         return operation in self.operations.idempotent

@@ -67,15 +67,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from .connection import SlotConnection
-from .errors import HSMError
-from .host import live_group_members
-from .lab import LabError, NetworkHSM, Relay, SoftHSMToken, find_module
-from .lab.relay import RelayError
-from .policy import Policy
-from .policy_loader import load_policy
-from .pool import Pool, format_status
-from .records import TransitionRecord
+from ..runtime.connection import SlotConnection
+from ..core.errors import HSMError
+from ..p11.host import live_group_members
+from ..testing.lab import LabError, NetworkHSM, Relay, SoftHSMToken, find_module
+from ..testing.lab.relay import RelayError
+from ..core.policy import Policy
+from ..config.policy_file import load_policy
+from ..runtime.pool import Pool, format_status
+from ..core.records import TransitionRecord
 
 _now = time.monotonic
 
@@ -451,7 +451,7 @@ class _SessionCounter:
         fn = module._fn.get("C_GetSessionInfo") if module.initialized else None
         if fn is None:
             return None
-        from .module import _SessionInfo
+        from ..p11.module import _SessionInfo
 
         lock = conn._call_lock
         live = 0

@@ -2,7 +2,7 @@
 
 SoftHSM never answers CKR_TOKEN_NOT_PRESENT, CKR_DEVICE_REMOVED or a vendor
 code, yet those are exactly the answers a real network HSM gives when an HA
-member fails (FACTS). To test the recovery paths over the real wire, this
+member fails (docs/FACTS.md). To test the recovery paths over the real wire, this
 relay sits between the client module and the server, forwards every byte,
 and on command replaces the reply of a chosen call with an error, delays
 replies, or cuts every connection.
@@ -44,7 +44,7 @@ Length queries: python-pkcs11 signs with C_SignInit, then C_Sign with a NULL
 buffer (how long is the signature?), then the real C_Sign. A request whose
 signature ends in "fy" and whose trailing u32 (the output buffer length) is 0
 is such a query. The relay never rewrites one: the token would keep the
-operation active while the client believes it ended (FACTS).
+operation active while the client believes it ended (docs/FACTS.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The edge to the PKCS#11 module: loading, (re)initialising, logging in, cutting off.
 
-Measured traps this module exists to avoid (see ``../shared/FACTS.md`` and the
+Measured traps this module exists to avoid (see ``docs/FACTS.md`` and the
 README's "Why it is built this way"):
 
 1. python-pkcs11 calls C_Finalize *holding the GIL* (``lib.finalize()``,
@@ -41,7 +41,7 @@ from typing import Iterator
 
 import pkcs11
 
-from .codes import Code, code_from_value
+from ..core.codes import Code, code_from_value
 
 CK_RV = ctypes.c_ulong
 CK_ULONG = ctypes.c_ulong
@@ -345,7 +345,7 @@ class ModuleInstance:
         """Shut down this process's sockets to the module's server; returns how many.
 
         A call blocked on a hung network HSM then returns CKR_DEVICE_ERROR
-        (FACTS). The sockets are found by their peer address, so this also
+        (docs/FACTS.md). The sockets are found by their peer address, so this also
         catches the socket a C_Initialize in progress just opened. Other
         connections to the *same* server are cut too: they hang on it as well.
         """

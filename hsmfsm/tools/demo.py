@@ -29,11 +29,12 @@ from typing import Callable, TextIO
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from . import audit, diagram
-from .errors import HSMError
-from .lab import NetworkHSM, SoftHSMToken, find_module
-from .pool import Pool
-from .pool_config import load_pool
+from ..audit import record as audit
+from ..audit import diagram
+from ..core.errors import HSMError
+from ..testing.lab import NetworkHSM, SoftHSMToken, find_module
+from ..runtime.pool import Pool
+from ..config.pool_file import load_pool
 
 #: (seconds after start, action, member, what it shows)
 SCRIPT: list[tuple[float, str, str, str]] = [

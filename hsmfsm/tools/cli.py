@@ -10,14 +10,14 @@ import argparse
 import logging
 import sys
 
-from .audit import AuditError
-from .diagram import DiagramError
-from .errors import HSMError
-from .policy import PolicyError
+from ..audit.record import AuditError
+from ..audit.diagram import DiagramError
+from ..core.errors import HSMError
+from ..core.policy import PolicyError
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .pool_config import check_any_files
+    from ..config.pool_file import check_any_files
 
     return check_any_files(args.files)
 
@@ -25,7 +25,7 @@ def _check(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace) -> int:
     import json
 
-    from .pool import Pool, format_status
+    from ..runtime.pool import Pool, format_status
 
     with Pool.from_yaml(args.pool) as pool:
         if args.json:
@@ -59,9 +59,9 @@ def _soak(args: argparse.Namespace) -> int:
 def _diagram(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import diagram
-    from .policy_loader import load_policy, shipped_policies
-    from .pool_config import is_pool_file, load_pool, shipped_pools
+    from ..audit import diagram
+    from ..config.policy_file import load_policy, shipped_policies
+    from ..config.pool_file import is_pool_file, load_pool, shipped_pools
 
     if args.all:
         outdir = Path(args.all)
@@ -79,7 +79,7 @@ def _diagram(args: argparse.Namespace) -> int:
         print("hsmfsm diagram: give POLICY_OR_POOL -o FILE, --live POOL -o FILE, or --all DIR", file=sys.stderr)
         return 2
     if args.live:
-        from .pool import Pool
+        from ..runtime.pool import Pool
 
         with Pool.from_yaml(args.live) as pool:
             status = pool.status()
@@ -92,7 +92,7 @@ def _diagram(args: argparse.Namespace) -> int:
 
 
 def _audit(args: argparse.Namespace) -> int:
-    from . import audit
+    from ..audit import record as audit
 
     if args.action == "verify":
         verdict = audit.verify(args.logs, partial=args.partial)
