@@ -5,13 +5,18 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test bench soak diagrams check deps clean
+.PHONY: demo test lint fuzz bench soak diagrams check deps clean
 
 demo: $(STAMP)
 	$(VENV)/bin/hsmfsm demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# ruff and mypy --strict over the package: CI runs this before the tests.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hsmfsm
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	$(VENV)/bin/hsmfsm bench

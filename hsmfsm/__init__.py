@@ -12,18 +12,25 @@ The public API::
         pool.sign("zsk", b"data", mechanism="SHA256_RSA_PKCS")
 """
 
-from .core.codes import Code
-from .p11.codes import code_of
-from .runtime.connection import SlotConnection
-from .core.errors import (AllMembersDown, CallTimeout, HSMError, LoginRejected, MemberUnavailable, OperationFailed,
-                     OutcomeUnknown)
 from .config.pin import PinError
-from .core.policy import Policy, PolicyError
 from .config.policy_file import load_policy
-from .runtime.pool import MemberStatus, Pool
 from .config.pool_file import PoolSpec, load_pool
+from .core.codes import Code
+from .core.errors import (
+                     AllMembersDown,
+                     CallTimeout,
+                     HSMError,
+                     LoginRejected,
+                     MemberUnavailable,
+                     OperationFailed,
+                     OutcomeUnknown,
+)
+from .core.policy import Policy, PolicyError
 from .core.records import TransitionRecord
 from .core.states import Event, IllegalTransition, State
+from .p11.codes import code_of
+from .runtime.connection import SlotConnection
+from .runtime.pool import MemberStatus, Pool
 
 __all__ = [
     "AllMembersDown", "CallTimeout", "Code", "Event", "HSMError", "IllegalTransition", "LoginRejected", "MemberStatus",

@@ -10,13 +10,12 @@ import dataclasses
 import hashlib
 import os
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
-
 from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken, find_module
 
 PIN_ENV = "HSMFSM_TEST_PIN"

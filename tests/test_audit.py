@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hsmfsm.audit import record as audit
 from hsmfsm.audit.record import AuditError, AuditLog, verify
-from hsmfsm.runtime.pool import Pool
 from hsmfsm.core.records import TransitionRecord
-from conftest import sign_ec, verify as verify_sig, wait_for
+from hsmfsm.runtime.pool import Pool
+
+from conftest import sign_ec, wait_for
+from conftest import verify as verify_sig
 
 ROOT = Path(__file__).resolve().parent.parent
 

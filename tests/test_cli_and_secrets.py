@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from hsmfsm.config.pin import PinError, PinSource
 
 ROOT = Path(__file__).resolve().parent.parent

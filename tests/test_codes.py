@@ -9,7 +9,6 @@ from pathlib import Path
 import pkcs11
 import pkcs11.exceptions as exc
 import pytest
-
 from hsmfsm.core.codes import CKR, code_from_name, name_of
 from hsmfsm.p11.codes import PSEUDO, code_of
 

@@ -9,9 +9,9 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-
 from hsmfsm import OperationFailed, SlotConnection
 from hsmfsm.testing.lab import Relay
+
 from conftest import Recorder, sign_ec, verify
 
 
@@ -145,7 +145,6 @@ def test_slow_calls_enter_degraded_and_healthy_calls_leave_it(client_module, rel
 def test_key_generation_is_never_reissued_after_it_may_have_reached_the_hsm(client_module, relayed, pin_env,
                                                                             fast_policy):
     import pkcs11
-
     from hsmfsm import OutcomeUnknown
 
     hsm, relay = relayed

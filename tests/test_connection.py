@@ -9,10 +9,10 @@ from __future__ import annotations
 import threading
 import time
 
-import pytest
-
 import hsmfsm
+import pytest
 from hsmfsm import CallTimeout, HSMError, LoginRejected, SlotConnection
+
 from conftest import sign_ec, verify, wait_for
 
 
@@ -204,7 +204,7 @@ def test_four_threads_on_in_process_softhsm_never_crash(token, softhsm_module, p
                 else:
                     verify(replica, "rsa", data, conn.sign("rsa", data, mechanism="SHA256_RSA_PKCS"))
                 counts[i] += 1
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:
             errors.append(exc)
 
     with conn:
@@ -275,7 +275,7 @@ def test_four_threads_through_a_network_hsm_that_dies_and_hangs(client_module, n
                 ok[i] += 1
             except hsmfsm.HSMError as exc:
                 failures.append(exc)
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 unexpected.append(exc)
 
     with conn:

@@ -6,7 +6,6 @@ import dataclasses
 from pathlib import Path
 
 import pytest
-
 from hsmfsm import load_policy
 from hsmfsm.audit import diagram
 from hsmfsm.config.policy_file import shipped_policies
@@ -89,8 +88,8 @@ def test_a_pool_diagram_shows_members_roles_balance_recovery_and_each_machine():
 
 
 def test_live_diagram_highlights_each_members_state():
-    from hsmfsm.runtime.pool import MemberStatus
     from hsmfsm.config.pool_file import load_pool
+    from hsmfsm.runtime.pool import MemberStatus
 
     spec = load_pool("ha-pool", environment=False)
     status = [MemberStatus("hsm-a", "active", "logged_in", None, None, 0, 6, None, 0),

@@ -15,13 +15,14 @@ import signal
 import threading
 import time
 import traceback
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pytest
-
 from hsmfsm import SlotConnection
-from hsmfsm.testing.lab import Relay
 from hsmfsm.runtime.pool import Pool
+from hsmfsm.testing.lab import Relay
+
 from conftest import Recorder, sign_ec, verify, wait_for
 
 pytestmark = pytest.mark.timeout(90)
@@ -42,7 +43,7 @@ class Child:
                 os.close(r)
                 try:
                     payload = {"ok": True, **work()}
-                except BaseException as exc:  # noqa: BLE001 - reported to the parent
+                except BaseException as exc:
                     payload = {"ok": False, "error": repr(exc), "traceback": traceback.format_exc()}
                 os.write(w, (json.dumps(payload) + "\n").encode())
                 code = 0
@@ -181,7 +182,6 @@ def test_a_child_that_exits_with_finalisers_and_atexit_leaves_the_parent_alone(c
     import gc
 
     import pkcs11
-
     from hsmfsm.p11 import module
     from hsmfsm.runtime import connection
 
@@ -277,7 +277,7 @@ def test_fork_while_other_threads_hold_locks_and_are_inside_calls(client_module,
                 data = b"thread %d %d" % (i, n)
                 verify(network_hsm.token, "ec", data, sign_ec(conn, data))
                 signed[0] += 1
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
             n += 1
 

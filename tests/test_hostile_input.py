@@ -31,13 +31,12 @@ from typing import Any
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, assume, event, given, settings
-from hypothesis import strategies as st
-from hypothesis.control import currently_in_test_context
-
 from hsmfsm import Policy, PolicyError
 from hsmfsm.config.policy_file import INLINE, MAX_EXTENDS, MAX_FILE_BYTES, load_policy
 from hsmfsm.config.pool_file import PoolSpec, load_pool
+from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import strategies as st
+from hypothesis.control import currently_in_test_context
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = REPO / "policies"

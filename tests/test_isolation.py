@@ -17,10 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-
-from hsmfsm import CallTimeout, Pool, PolicyError, SlotConnection, load_pool
+from hsmfsm import CallTimeout, PolicyError, Pool, SlotConnection, load_pool
 from hsmfsm.p11.host import live_group_members
 from hsmfsm.runtime.pool import format_status
+
 from conftest import sign_ec, verify, wait_for
 
 

@@ -16,12 +16,12 @@ import subprocess
 import sys
 
 import pytest
-
 from hsmfsm import HSMError, SlotConnection
 from hsmfsm.audit import diagram
-from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken
-from hsmfsm.runtime.pool import Pool, format_status
 from hsmfsm.config.pool_file import load_pool
+from hsmfsm.runtime.pool import Pool, format_status
+from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken
+
 from conftest import sign_ec, wait_for
 
 RIGHT = "Qx7-pin-4Vw"

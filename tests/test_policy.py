@@ -18,13 +18,12 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-
+from hsmfsm.config.policy_file import SCHEMA_PATH, SHIPPED_DIR, check_files, default_policy, load_policy
 from hsmfsm.core.codes import ALL_NAMES, CKR_VENDOR_DEFINED, code_from_name
 from hsmfsm.core.policy import OPERATIONS, CodeClass, PolicyError
-from hsmfsm.config.policy_file import SCHEMA_PATH, SHIPPED_DIR, check_files, default_policy, load_policy
 from hsmfsm.core.states import CODE_EVENTS, Event
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
 

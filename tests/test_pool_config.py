@@ -16,13 +16,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-import pytest
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from jsonschema import Draft202012Validator
-
 import hsmfsm
-from hsmfsm.core.policy import PolicyError
+import pytest
 from hsmfsm.config.policy_file import SCHEMA_PATH, load_policy, shipped_policies
 from hsmfsm.config.pool_file import (
     POOL_SCHEMA_PATH,
@@ -35,6 +30,10 @@ from hsmfsm.config.pool_file import (
     pool_schema,
     shipped_pools,
 )
+from hsmfsm.core.policy import PolicyError
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from jsonschema import Draft202012Validator
 
 REPO = Path(__file__).resolve().parent.parent
 

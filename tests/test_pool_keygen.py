@@ -13,11 +13,11 @@ import time
 
 import pkcs11
 import pytest
-
 from hsmfsm import SlotConnection
 from hsmfsm.core.errors import OutcomeUnknown
-from hsmfsm.testing.lab import NetworkHSM, Relay
 from hsmfsm.runtime.pool import Pool
+from hsmfsm.testing.lab import NetworkHSM, Relay
+
 from conftest import sign_ec, verify, wait_for
 
 pytestmark = pytest.mark.timeout(120)
@@ -121,7 +121,7 @@ def test_member_lost_while_keygen_in_flight_is_outcome_unknown(client_module, me
         def call() -> None:
             try:
                 outcome.append(pool.generate_keypair(pkcs11.KeyType.RSA, bits, "maybe-made"))
-            except Exception as exc:  # noqa: BLE001 - examined below
+            except Exception as exc:
                 outcome.append(exc)
 
         caller = threading.Thread(target=call, daemon=True)

@@ -5,11 +5,10 @@ from __future__ import annotations
 import itertools
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
-
 from hsmfsm.core.policy import Backoff, ConnectPolicy, DegradedPolicy, ProbePolicy
 from hsmfsm.core.recovery import HealthTracker, ReconnectSchedule, Verdict, backoff_delay
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 BACKOFF = Backoff(initial=0.1, multiplier=2.0, max=5.0, jitter=0.2)
 NEAR_ONE = 1.0 - 2**-53  # the largest float random.random() can return

@@ -20,6 +20,9 @@ import pkcs11
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
+from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken
+from hsmfsm.testing.lab.hsm import load_raw_client
+from hsmfsm.testing.lab.relay import CALL_IDS, Relay, RelayError
 from pkcs11 import Mechanism, ObjectClass
 from pkcs11.exceptions import (
     DeviceError,
@@ -29,10 +32,6 @@ from pkcs11.exceptions import (
     TokenNotPresent,
     UserAlreadyLoggedIn,
 )
-
-from hsmfsm.testing.lab.hsm import load_raw_client
-from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken
-from hsmfsm.testing.lab.relay import CALL_IDS, Relay, RelayError
 
 CKR_DEVICE_REMOVED = 0x32
 CKR_PIN_INCORRECT = 0xA0
@@ -285,7 +284,7 @@ def test_stop_is_prompt_even_with_a_call_in_flight(lib: pkcs11.lib, token: SoftH
     def call() -> None:
         try:
             session.generate_random(16)
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             outcome.append(exc)
 
     caller = threading.Thread(target=call)
@@ -311,7 +310,7 @@ def test_many_concurrent_connections(load_client: Callable[[], pkcs11.lib], toke
         try:
             for _ in range(20):
                 verify_ec(token, sign_ec(session))
-        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=work, args=(s,)) for s in sessions]

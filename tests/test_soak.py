@@ -12,7 +12,6 @@ import os
 import time
 
 import pytest
-
 from hsmfsm.tools.soak import DOWN_KINDS, draw_schedule, run
 
 
@@ -68,6 +67,7 @@ def test_session_lost_closes_the_lost_generations_sessions(client_module, networ
     from hsmfsm import SlotConnection
     from hsmfsm.testing.lab import Relay
     from hsmfsm.tools.soak import _SessionCounter
+
     from conftest import sign_ec
 
     network_hsm.start()
@@ -106,7 +106,6 @@ def test_the_workload_counts_wrong_signatures_unhandled_errors_and_lost_calls(to
     import threading
 
     from cryptography.hazmat.primitives import serialization
-
     from hsmfsm.core.errors import MemberUnavailable
     from hsmfsm.tools.soak import _Secrets, _Workload
 

@@ -7,10 +7,6 @@ import re
 from collections import deque
 
 import pytest
-from hypothesis import assume, settings
-from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
-
 from hsmfsm.core.policy import Backoff, ConnectPolicy, DegradedPolicy, ProbePolicy
 from hsmfsm.core.recovery import HealthTracker, ReconnectSchedule, Verdict
 from hsmfsm.core.states import (
@@ -25,6 +21,9 @@ from hsmfsm.core.states import (
     machine_definition,
     next_state,
 )
+from hypothesis import assume, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
 S, E = State, Event
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import shutil
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import graphviz
 
@@ -20,8 +21,8 @@ from ..core.policy import Policy
 from ..core.states import SERVING, TERMINAL, TRANSITIONS, Event, State
 
 if TYPE_CHECKING:
-    from ..runtime.pool import MemberStatus
     from ..config.pool_file import PoolSpec
+    from ..runtime.pool import MemberStatus
 
 
 class DiagramError(RuntimeError):

@@ -38,10 +38,11 @@ import queue
 import re
 import threading
 import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 from ..core.records import TransitionRecord
 
@@ -76,7 +77,7 @@ def _transition_body(rec: TransitionRecord, pool: str | None) -> dict[str, Any]:
 
 
 def _now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
 _ROTATED = re.compile(r"\.(\d+)$")
@@ -186,7 +187,7 @@ class AuditLog:
             pass
         _LIVE.discard(self)
 
-    def __enter__(self) -> "AuditLog":
+    def __enter__(self) -> AuditLog:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -317,7 +318,7 @@ class AuditLog:
                     pass
 
 
-_LIVE: "weakref.WeakSet[AuditLog]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[AuditLog] = weakref.WeakSet()
 
 
 def _in_child() -> None:
@@ -523,13 +524,13 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
     m = _AGO.match(text.strip())
     if m:
         unit = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days"}[m.group(2)]
-        return (now or datetime.now(timezone.utc)) - timedelta(**{unit: float(m.group(1))})
+        return (now or datetime.now(UTC)) - timedelta(**{unit: float(m.group(1))})
     try:
         when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
     except ValueError:
         raise ValueError(f"--since {text!r}: give an ISO 8601 time (2026-11-24T10:00:00Z) "
                          "or an age (30s, 10m, 2h, 1d)") from None
-    return when if when.tzinfo else when.replace(tzinfo=timezone.utc)
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
 
 
 def timeline(paths: Iterable[str | os.PathLike[str]], *, member: str | None = None,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Callable, Union
+from collections.abc import Callable
+from typing import Union
 
 PinSpec = Union[str, Callable[[], str]]
 

@@ -35,9 +35,10 @@ import os
 import re
 import stat
 import sys
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, NoReturn, TextIO, Union
+from typing import Any, NoReturn, TextIO, Union
 
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
@@ -75,7 +76,7 @@ INLINE = "<inline>"
 #: The FIELD part of messages about the file as a whole, its YAML, or its top level.
 FILE_FIELD, YAML_FIELD, ROOT_FIELD = "(file)", "(yaml)", "(policy)"
 
-FieldPath = tuple[Union[str, int], ...]
+FieldPath = tuple[str | int, ...]
 Issue = tuple[FieldPath, str]
 PolicySource = Union[str, "os.PathLike[str]", Mapping[str, Any], yaml.Node]
 """What :func:`load_policy` accepts: a path, a shipped policy's name, or inline content."""
@@ -489,7 +490,7 @@ class _Builder:
         line = node.start_mark.line + 1
         self._enter(path, line, depth)
         self._check_tag(node, path, line)
-        build = lambda child, here: self._node(child, here, depth + 1)  # noqa: E731
+        build = lambda child, here: self._node(child, here, depth + 1)
         if isinstance(node, yaml.MappingNode):
             return self._mapping(((self._key(k, path), k.start_mark.line + 1, v) for k, v in node.value),
                                  path, build)
@@ -499,7 +500,7 @@ class _Builder:
 
     def _plain(self, value: Any, path: FieldPath, depth: int, line: int) -> Any:
         self._enter(path, line, depth)
-        build = lambda child, here: self._plain(child, here, depth + 1, line)  # noqa: E731
+        build = lambda child, here: self._plain(child, here, depth + 1, line)
         if isinstance(value, Mapping):
             return self._mapping(((self._plain_key(k, path, line), line, v) for k, v in value.items()),
                                  path, build)
@@ -898,7 +899,7 @@ def _check_one(path: str, out: TextIO, err: TextIO,
     except PolicyError as exc:
         _say(err, str(exc))
         return False
-    except Exception as exc:  # noqa: BLE001 - a bug in hsmfsm must still read as one line, not a traceback
+    except Exception as exc:
         _say(err, f"{path}:1: {FILE_FIELD}: internal error in hsmfsm ({type(exc).__name__}: {exc}); please report it")
         return False
     _say(out, f"OK {path} ({describe(policy)})")

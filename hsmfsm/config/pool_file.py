@@ -25,16 +25,17 @@ import json
 import os
 import re
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Mapping, NoReturn, TextIO, Union
+from typing import Any, NoReturn, TextIO, Union
 
 import yaml
 from jsonschema import Draft202012Validator, ValidationError, validators
 
-from .pin import PinError, PinSource
 from ..core.policy import Policy, PolicyError
+from .pin import PinError, PinSource
 from .policy_file import (
     MAX_FILE_BYTES,
     ROOT_FIELD,
@@ -44,7 +45,6 @@ from .policy_file import (
     _attempts,
     _Builder,
     _check_one,
-    _origin,
     _compose,
     _did_you_mean,
     _Doc,
@@ -55,11 +55,12 @@ from .policy_file import (
     _issues,
     _missing,
     _Origin,
+    _origin,
     _read_text,
     _say,
     _seconds,
-    _show,
     _shipped,
+    _show,
     load_policy,
     shipped_policies,
 )
@@ -193,7 +194,7 @@ def is_pool_file(path: Any) -> bool:
         with file.open("rb") as fh:
             head = fh.read(MAX_FILE_BYTES)
         return _POOL_KEY.search(head) is not None
-    except Exception:  # noqa: BLE001 - a yes/no question about a file never raises
+    except Exception:
         return False
 
 

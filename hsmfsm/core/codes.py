@@ -13,7 +13,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-
 #: Every CKR code of PKCS#11 2.40 (from the p11-kit ``pkcs11.h``), by name.
 CKR: dict[str, int] = {
     "CKR_OK": 0x0,

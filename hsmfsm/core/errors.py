@@ -68,3 +68,20 @@ class AllMembersDown(HSMError):
         detail = ", ".join(f"{name} {state} {code.name if code else 'no code yet'}"
                            for name, (state, code) in members.items())
         super().__init__(pool, f"all members down: {detail}")
+
+
+class ModuleCallError(Exception):
+    """A PKCS#11 call into a module failed with ``code``: what the edge raises to the runtime.
+
+    The edge (``hsmfsm.p11``, or ``hsmfsm.testing.ScriptedModule``) turns whatever its
+    library raises into this, so the runtime decides from a :class:`Code` alone and
+    never sees python-pkcs11's exception classes. Not raised to applications.
+    """
+
+    def __init__(self, code: Code, detail: str = "") -> None:
+        self.code, self.detail = code, detail
+        super().__init__(f"{code}{': ' + detail if detail else ''}")
+
+
+class ModuleError(RuntimeError):
+    """The module could not be loaded or is of a layout hsmfsm cannot drive safely."""

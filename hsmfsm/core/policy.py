@@ -13,9 +13,10 @@ All durations are in seconds (floats). ``None`` for ``max_attempts`` means
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
+from typing import Any
 
 from .codes import Code
 from .states import Event
@@ -131,7 +132,7 @@ class CodeClass:
     may_have_acted: bool
 
 
-def _frozen(mapping: Mapping) -> Mapping:
+def _frozen(mapping: Mapping[str, Any]) -> Mapping[str, Any]:
     return MappingProxyType(dict(mapping))
 
 
@@ -148,10 +149,14 @@ class Policy:
     probe: ProbePolicy = field(default_factory=ProbePolicy)
     degraded: DegradedPolicy = field(default_factory=DegradedPolicy)
     source: str = "<built-in>"
+    #: Per phase (``connect``, ``login``, ``probe``, ``call``), the reaction to a class where it
+    #: differs from what :mod:`hsmfsm.core.rules` derives from the class's event: phase -> class -> reaction.
+    reactions: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", _frozen(self.classes))
         object.__setattr__(self, "codes", _frozen(self.codes))
+        object.__setattr__(self, "reactions", _frozen({k: _frozen(v) for k, v in self.reactions.items()}))
 
     def class_of(self, code: Code) -> CodeClass:
         """The class a return code belongs to under this policy."""

@@ -8,9 +8,10 @@ built only from those fields.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable
+from datetime import UTC, datetime
+from typing import Any
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,7 +28,7 @@ class TransitionRecord:
 
     @property
     def iso_time(self) -> str:
-        return datetime.fromtimestamp(self.time, timezone.utc).isoformat(timespec="milliseconds")
+        return datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds")
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)

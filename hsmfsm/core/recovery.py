@@ -10,8 +10,8 @@ they only tell the caller what happened, and the caller fires the events.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Callable
 
 from .policy import Backoff, ConnectPolicy, DegradedPolicy, ProbePolicy
 

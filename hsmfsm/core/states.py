@@ -33,8 +33,8 @@ and the child connects afresh with a module instance of its own.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from enum import StrEnum
-from typing import Iterable
 
 
 class State(StrEnum):
@@ -112,6 +112,19 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 }
 
 INITIAL = S.DISCONNECTED
+
+#: Events after which no session of the current generation may be used again: the
+#: connection retires the generation (its sessions are drained, then abandoned or closed).
+ENDS_GENERATION: frozenset[Event] = frozenset({E.CONNECTION_LOST, E.CALL_TIMEOUT, E.SESSION_LOST,
+                                               E.FATAL, E.CLOSE, E.FORKED})
+#: Events that end one recovery attempt: in-call recovery waits for the next request after them.
+ENDS_ATTEMPT: frozenset[Event] = frozenset({E.CONNECT_FAILED, E.GIVE_UP, E.LOGIN_OK, E.FATAL,
+                                            E.CALL_TIMEOUT, E.CONNECTION_LOST})
+
+
+def is_legal(state: State, event: Event) -> bool:
+    """Whether ``state`` accepts ``event`` (a row of :data:`TRANSITIONS` exists)."""
+    return (state, event) in TRANSITIONS
 
 
 class IllegalTransition(Exception):

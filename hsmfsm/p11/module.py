@@ -36,8 +36,8 @@ import shutil
 import socket
 import tempfile
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import pkcs11
 
@@ -163,7 +163,7 @@ def _cut_all_at_exit() -> None:
     for instance in ModuleInstance._keep_alive:
         try:
             instance.cut_off()
-        except Exception:  # noqa: BLE001 - best effort on the way out
+        except Exception:
             pass
 
 
@@ -235,7 +235,7 @@ class ModuleInstance:
     deallocator would call C_Finalize with the GIL held (trap 1 above).
     """
 
-    _keep_alive: list["ModuleInstance"] = []
+    _keep_alive: list[ModuleInstance] = []
 
     def __init__(self, module: str, env: dict[str, str] | None = None, name: str = "module") -> None:
         if not os.path.exists(module):
@@ -374,7 +374,7 @@ class ModuleInstance:
                 sock.close()
         return cut
 
-    def for_child(self) -> "ModuleInstance":
+    def for_child(self) -> ModuleInstance:
         """In a forked child: the instance to use from now on.
 
         A module that talks to its HSM over a socket (p11-kit-client) gets a

@@ -31,25 +31,26 @@ import random
 import threading
 import time
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pkcs11
 from pkcs11 import ObjectClass
 from pkcs11._pkcs11 import SearchIter
 from pkcs11.exceptions import PKCS11Error
 
+from ..config.pin import PinError, PinSource, PinSpec
 from ..core import states
 from ..core.codes import CALL_TIMEOUT, CKR_OK, Code
-from ..p11.codes import code_of
 from ..core.errors import CallTimeout, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
-from ..p11.host import HostError, ModuleHost, client_module
-from ..p11.module import CKR_USER_ALREADY_LOGGED_IN, USER_SESSION_STATES, ModuleError, ModuleInstance
-from ..config.pin import PinError, PinSource, PinSpec
 from ..core.policy import Policy
 from ..core.records import Listener, TransitionRecord
-from .listeners import Listeners
 from ..core.recovery import HealthTracker, ReconnectSchedule, Verdict
 from ..core.states import Event, SlotMachine, State
+from ..p11.codes import code_of
+from ..p11.host import HostError, ModuleHost, client_module
+from ..p11.module import CKR_USER_ALREADY_LOGGED_IN, USER_SESSION_STATES, ModuleError, ModuleInstance
+from .listeners import Listeners
 from .watchdog import WATCHDOG
 
 log = logging.getLogger("hsmfsm.connection")
@@ -66,7 +67,7 @@ _ENDS_ATTEMPT = frozenset({Event.CONNECT_FAILED, Event.GIVE_UP, Event.LOGIN_OK, 
                            Event.CALL_TIMEOUT, Event.CONNECTION_LOST})
 _MECHANISMS: dict[str, pkcs11.Mechanism] = {}
 #: Every connection of this process, for the fork hook.
-_LIVE: "weakref.WeakSet[SlotConnection]" = weakref.WeakSet()
+_LIVE: weakref.WeakSet[SlotConnection] = weakref.WeakSet()
 #: In a forked child: the generations and module instances inherited from the parent, kept
 #: here for good on purpose. Their python-pkcs11 objects (lib, sessions, keys) belong to the
 #: parent's server-side state: closing them, or letting a finaliser run (python-pkcs11's lib
@@ -115,7 +116,7 @@ class _Lease(_CallSlot):
 
     __slots__ = ("g", "session", "keys")
 
-    def __init__(self, g: "_Generation") -> None:
+    def __init__(self, g: _Generation) -> None:
         super().__init__()
         self.g = g
         self.session: Any = None
@@ -231,7 +232,7 @@ class SlotConnection:
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
 
-    def open(self, wait: float | None = None) -> "SlotConnection":
+    def open(self, wait: float | None = None) -> SlotConnection:
         """Start the supervisor and wait up to ``wait`` seconds (default: the policy's deadline)
         for ``logged_in``. An HSM that is down does not make this fail: the supervisor keeps
         trying per the policy. A rejected PIN does: it raises :class:`LoginRejected`."""
@@ -274,7 +275,7 @@ class SlotConnection:
         if self._host is not None:
             self._host.stop()
 
-    def __enter__(self) -> "SlotConnection":
+    def __enter__(self) -> SlotConnection:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:

@@ -32,5 +32,5 @@ class Listeners:
         for listener in self._items:
             try:
                 listener(record)
-            except Exception:  # noqa: BLE001 - a listener must never break recovery
+            except Exception:
                 log.exception("transition listener %r failed", listener)

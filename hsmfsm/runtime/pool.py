@@ -27,17 +27,18 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pkcs11
 
 from ..audit.record import AuditLog
-from .connection import SlotConnection
 from ..core.errors import AllMembersDown, HSMError, OutcomeUnknown
 from ..core.policy import Backoff, Policy
 from ..core.records import Listener, TransitionRecord
 from ..core.states import State
+from .connection import SlotConnection
 
 _now = time.monotonic
 BALANCES = ("round_robin", "least_busy", "primary")
@@ -117,7 +118,7 @@ class Pool:
         return dataclasses.replace(policy, connect=connect)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> "Pool":
+    def from_spec(cls, spec: Any) -> Pool:
         """Build a pool from a loaded pool file (``pool_config.PoolSpec``)."""
         r = spec.recovery
         member_policy = cls.member_policy(spec.policy, r.mode, r.interval, r.max_attempts)
@@ -136,7 +137,7 @@ class Pool:
                    recovery_interval=r.interval, recovery_max_attempts=r.max_attempts, audit=audit)
 
     @classmethod
-    def from_yaml(cls, path: str) -> "Pool":
+    def from_yaml(cls, path: str) -> Pool:
         """Load a pool file (raises :class:`hsmfsm.PolicyError` naming file, line and field)."""
         from ..config.pool_file import load_pool
 
@@ -144,7 +145,7 @@ class Pool:
 
     # -- lifecycle ------------------------------------------------------------
 
-    def open(self, wait: float | None = None) -> "Pool":
+    def open(self, wait: float | None = None) -> Pool:
         """Start every member; wait up to ``wait`` (default: the deadline) until all active members serve.
 
         A member that is down does not make this fail; a rejected PIN leaves that
@@ -170,7 +171,7 @@ class Pool:
         if self.audit is not None:
             self.audit.close()
 
-    def __enter__(self) -> "Pool":
+    def __enter__(self) -> Pool:
         return self.open()
 
     def __exit__(self, *exc: object) -> None:
@@ -350,7 +351,7 @@ class Pool:
         self._forked = True
 
 
-_LIVE_POOLS: "weakref.WeakSet[Pool]" = weakref.WeakSet()
+_LIVE_POOLS: weakref.WeakSet[Pool] = weakref.WeakSet()
 
 
 def _after_fork_in_child() -> None:

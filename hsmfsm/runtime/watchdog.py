@@ -29,7 +29,7 @@ class Watchdog:
 
     def __init__(self, period: float = 0.02) -> None:
         self.period = period
-        self._members: "weakref.WeakSet[Watched]" = weakref.WeakSet()
+        self._members: weakref.WeakSet[Watched] = weakref.WeakSet()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
 
@@ -53,7 +53,7 @@ class Watchdog:
             for member in members:
                 try:
                     member._watchdog_tick(now)
-                except Exception:  # noqa: BLE001 - the watchdog must outlive any one member's bug
+                except Exception:
                     log.exception("watchdog tick failed for %r", member)
 
 

@@ -12,15 +12,16 @@ import os
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 import pkcs11
 
+from ..config.policy_file import load_policy
 from ..runtime.connection import SlotConnection
 from ..testing.lab import NetworkHSM, SoftHSMToken, find_module
 from ..testing.lab.hsm import load_raw_client
-from ..config.policy_file import load_policy
 
 _DATA = b"hsmfsm benchmark payload" * 4
 _DIGEST = hashlib.sha256(_DATA).digest()
@@ -147,8 +148,8 @@ def _pool_figures(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path, rounds: i
         label, data, mech = _CASES["ECDSA P-256 (prehashed)"]
         key = session.get_key(label=label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
         with Pool("bench", members, policy) as pool:
-            raw = lambda: key.sign(data, mechanism=mech)  # noqa: E731
-            managed = lambda: pool.sign(label, data, mechanism=mech)  # noqa: E731
+            raw = lambda: key.sign(data, mechanism=mech)
+            managed = lambda: pool.sign(label, data, mechanism=mech)
             raw(), managed()
             print("-- HA pool of two network HSMs vs one raw session on one, ECDSA P-256", file=out)
             for threads in (1, 2, 4):
@@ -182,8 +183,8 @@ def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dic
                 print("-- network HSM: SoftHSM behind p11-kit server, both sides in this process", file=out)
                 for case, (label, data, mech) in _CASES.items():
                     key = session.get_key(label=label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
-                    raw = lambda: key.sign(data, mechanism=mech)  # noqa: E731
-                    managed = lambda: conn.sign(label, data, mechanism=mech)  # noqa: E731
+                    raw = lambda: key.sign(data, mechanism=mech)
+                    managed = lambda: conn.sign(label, data, mechanism=mech)
                     raw(), managed()  # warm up: key lookups, sessions
                     fig = _alternate(lambda: _rate(raw, seconds), lambda: _rate(managed, seconds), rounds)
                     results[f"network {case}"] = fig

@@ -10,8 +10,8 @@ import argparse
 import logging
 import sys
 
-from ..audit.record import AuditError
 from ..audit.diagram import DiagramError
+from ..audit.record import AuditError
 from ..core.errors import HSMError
 from ..core.policy import PolicyError
 

@@ -67,15 +67,15 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
-from ..runtime.connection import SlotConnection
+from ..config.policy_file import load_policy
 from ..core.errors import HSMError
+from ..core.policy import Policy
+from ..core.records import TransitionRecord
 from ..p11.host import live_group_members
+from ..runtime.connection import SlotConnection
+from ..runtime.pool import Pool, format_status
 from ..testing.lab import LabError, NetworkHSM, Relay, SoftHSMToken, find_module
 from ..testing.lab.relay import RelayError
-from ..core.policy import Policy
-from ..config.policy_file import load_policy
-from ..runtime.pool import Pool, format_status
-from ..core.records import TransitionRecord
 
 _now = time.monotonic
 
@@ -224,7 +224,7 @@ class _LogCapture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             text = self.format(record)  # includes the formatted traceback, if any
-        except Exception:  # noqa: BLE001 - a record that cannot be formatted is a bug worth counting
+        except Exception:
             text = f"{record.name} unformattable record {record.msg!r}"
             self.with_traceback.append(text)
         self.records += 1
@@ -315,7 +315,7 @@ class _Workload:
                         self.messages[str(exc)] = self.messages.get(str(exc), 0) + 1
                 self._timed(i, t0, t1)
                 continue
-            except BaseException as exc:  # noqa: BLE001 - the row "unhandled exceptions" counts these
+            except BaseException as exc:
                 t1 = _now()
                 self.inflight[i] = 0.0
                 text = "".join(traceback.format_exception(exc))
@@ -802,12 +802,12 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
         for m in lab:
             try:
                 m.hsm.resume()
-            except Exception:  # noqa: BLE001 - cleanup goes on
+            except Exception:
                 pass
         if pool is not None:
             try:
                 pool.close()  # idempotent; makes sure nothing of ours still talks to the servers
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         for m in lab:
             m.relay.stop()
@@ -834,7 +834,7 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
 
 
 def _print_tally(tally: dict[str, Any], rows: list[Row], out: TextIO) -> None:
-    p = lambda s="": print(s, file=out)  # noqa: E731
+    p = lambda s="": print(s, file=out)
     p()
     p(f"soak tally (seed {tally['seed']}, {tally['duration']:g}s, {tally['threads']} threads, "
       f"{tally['members']} members + wrong-PIN standby)")

@@ -17,9 +17,9 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from ...p11.host import CLIENT_CANDIDATES, accepts, live_group_members
 
@@ -115,7 +115,7 @@ class SoftHSMToken:
             f"directories.tokendir = {self.tokendir}\nobjectstore.backend = file\nlog.level = ERROR\n"
         )
 
-    def provision(self) -> "SoftHSMToken":
+    def provision(self) -> SoftHSMToken:
         """Create the token and its key pairs. Idempotent only on an empty root."""
         self.root.mkdir(parents=True, exist_ok=True)
         self._write_conf()
@@ -126,7 +126,7 @@ class SoftHSMToken:
               str(self.root), ",".join(self.rsa_keys), ",".join(self.ec_keys)], env)
         return self
 
-    def replicate(self, root: Path) -> "SoftHSMToken":
+    def replicate(self, root: Path) -> SoftHSMToken:
         """An HA replica: same label, serial and keys, in a token directory of its own (docs/FACTS.md)."""
         copy = SoftHSMToken(Path(root), self.label, self.pin, self.so_pin, self.rsa_keys, self.ec_keys)
         copy.root.mkdir(parents=True, exist_ok=True)
@@ -171,7 +171,7 @@ class NetworkHSM:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc else None
 
-    def start(self, timeout: float = 10.0) -> "NetworkHSM":
+    def start(self, timeout: float = 10.0) -> NetworkHSM:
         if self.proc is not None and self.proc.poll() is None:
             raise LabError(f"server for {self.socket_path} already running (pid {self.proc.pid})")
         # A SIGKILLed server leaves its socket file; clients would see "refused".
@@ -226,7 +226,7 @@ class NetworkHSM:
     def resume(self) -> None:
         self._signal(signal.SIGCONT)
 
-    def restart(self) -> "NetworkHSM":
+    def restart(self) -> NetworkHSM:
         self.kill()
         return self.start()
 

@@ -146,7 +146,7 @@ class _Frame:
     def encode(self) -> bytes:
         return _HEADER.pack(self.code, len(self.options), len(self.data)) + self.options + self.data
 
-    def as_error(self, rv: int) -> "_Frame":
+    def as_error(self, rv: int) -> _Frame:
         """This frame's reply slot filled with the RPC error `rv` instead."""
         data = struct.pack(">II", _ERROR_CALL, 1) + b"u" + struct.pack(">Q", rv)
         return _Frame(self.code, b"", data)
@@ -224,7 +224,7 @@ class _Link:
     number: int
     client: socket.socket
     upstream: socket.socket
-    relay: "InProcessRelay"
+    relay: InProcessRelay
     pending: collections.deque[_Verdict] = field(default_factory=collections.deque)
     client_lock: threading.Lock = field(default_factory=threading.Lock)
     closed: threading.Event = field(default_factory=threading.Event)
@@ -345,7 +345,7 @@ class InProcessRelay:
         """Value for P11_KIT_SERVER_ADDRESS that points a client at this relay."""
         return f"unix:path={self.listen_path.absolute()}"
 
-    def start(self) -> "InProcessRelay":
+    def start(self) -> InProcessRelay:
         """Listen on `listen_path` (a stale socket file there is replaced) and start accepting."""
         if self._acceptor is not None:
             raise RelayError(f"relay on {self.listen_path} already started")
@@ -384,7 +384,7 @@ class InProcessRelay:
                 sock.close()
         self.listen_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "InProcessRelay":
+    def __enter__(self) -> InProcessRelay:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -586,7 +586,7 @@ class Relay:
     def pid(self) -> int | None:
         return self._proc.pid if self._proc else None
 
-    def start(self, timeout: float = 10.0) -> "Relay":
+    def start(self, timeout: float = 10.0) -> Relay:
         """Start the child and return once it listens on `listen_path` (a stale file there is replaced)."""
         if self._proc is not None:
             raise RelayError(f"relay on {self.listen_path} already started (pid {self._proc.pid})")
@@ -624,7 +624,7 @@ class Relay:
         self._kill()
         self.listen_path.unlink(missing_ok=True)
 
-    def __enter__(self) -> "Relay":
+    def __enter__(self) -> Relay:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

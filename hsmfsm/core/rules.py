@@ -1,0 +1,365 @@
+"""The rule-book: what every return code does, in every phase, under a policy.
+
+The constitution of recovery, in the manner of h11's ``_state.py``: the
+connection, the pool, the diagrams and the simulator all ask this module
+what a code means, and none of them decides it again. ``states.py`` says
+which transitions exist; this module says which one a code takes, what the
+caller is told, and whether the call may go again.
+
+A code reaches the runtime in one of four **phases**:
+
+- ``call``: a caller's operation (C_Sign, C_Decrypt, ...) on a leased session.
+- ``connect``: the supervisor's attempt to reach the token: C_Initialize,
+  finding the token, opening the anchor session.
+- ``login``: the attempt's one C_Login.
+- ``probe``: the supervisor's health probe of an idle, serving connection.
+
+A policy sorts codes into classes, and each class names an event (``classes``
+in the YAML). The phase turns that into a **reaction**, derived from the
+class's event by :func:`derived_reaction` unless the policy's ``reactions``
+section says otherwise for that phase and class. The shipped ``default``
+policy writes every derived reaction out, so the file says what the code
+does.
+
+Facts that are not policy (they are what the HSM's answer means) also live
+here: a login answered CKR_USER_ALREADY_LOGGED_IN succeeded; a probe that
+finds the session without a user is CKR_USER_NOT_LOGGED_IN; a call the
+watchdog cut off fires ``call_timeout`` whichever thread records it first.
+
+Pure: no I/O, no clock, no threads, no python-pkcs11.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from enum import StrEnum
+
+from .codes import CALL_TIMEOUT, CKR, Code
+from .errors import CallTimeout, HSMError, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
+from .policy import CodeClass, Policy
+from .recovery import Verdict
+from .states import SERVING, TRANSITIONS, Event, State
+
+
+class Phase(StrEnum):
+    CALL = "call"
+    CONNECT = "connect"
+    LOGIN = "login"
+    PROBE = "probe"
+
+
+class Reaction(StrEnum):
+    """What a phase does with a class of codes. Most are events; three are counts."""
+
+    CONNECTION_LOST = "connection_lost"  #: reconnect from scratch (C_Finalize + C_Initialize)
+    SESSION_LOST = "session_lost"  #: open a new session
+    LOGIN_LOST = "login_lost"  #: log in again
+    FATAL = "fatal"  #: stop until a person calls reset()
+    IMPAIRED = "impaired"  #: call: count an impaired call; ``degraded`` at ``degraded.enter_after``
+    NONE = "none"  #: call: no transition; the caller's own mistake
+    CONNECT_FAILED = "connect_failed"  #: connect: the attempt failed; back off, give up after max_attempts
+    PROBE_FAILED = "probe_failed"  #: probe: count a failed probe; degraded, then lost at unhealthy_after
+
+
+#: The reactions a policy may write for each phase (``policy.schema.json`` says the same).
+ALLOWED: dict[Phase, tuple[Reaction, ...]] = {
+    Phase.CALL: (Reaction.CONNECTION_LOST, Reaction.SESSION_LOST, Reaction.LOGIN_LOST, Reaction.FATAL,
+                 Reaction.IMPAIRED, Reaction.NONE),
+    Phase.CONNECT: (Reaction.CONNECT_FAILED, Reaction.FATAL),
+    Phase.LOGIN: (Reaction.CONNECTION_LOST, Reaction.SESSION_LOST, Reaction.FATAL),
+    Phase.PROBE: (Reaction.CONNECTION_LOST, Reaction.SESSION_LOST, Reaction.LOGIN_LOST, Reaction.FATAL,
+                  Reaction.PROBE_FAILED),
+}
+
+#: The states in which each phase runs: where its edges start in the diagrams.
+PHASE_STATES: dict[Phase, tuple[State, ...]] = {
+    Phase.CALL: tuple(s for s in State if s in SERVING),
+    Phase.CONNECT: (State.CONNECTING,),
+    Phase.LOGIN: (State.OPEN,),
+    Phase.PROBE: tuple(s for s in State if s in SERVING),
+}
+
+#: The event each reaction fires directly (counts fire later, when a threshold is crossed).
+REACTION_EVENT: dict[Reaction, Event] = {
+    Reaction.CONNECTION_LOST: Event.CONNECTION_LOST,
+    Reaction.SESSION_LOST: Event.SESSION_LOST,
+    Reaction.LOGIN_LOST: Event.LOGIN_LOST,
+    Reaction.FATAL: Event.FATAL,
+    Reaction.CONNECT_FAILED: Event.CONNECT_FAILED,
+}
+
+#: The events a counted reaction can lead to: impaired calls and failed probes cross
+#: ``degraded.enter_after`` (impaired); failed probes cross ``probe.unhealthy_after`` (connection_lost).
+COUNT_EVENTS: dict[Reaction, tuple[Event, ...]] = {
+    Reaction.IMPAIRED: (Event.IMPAIRED,),
+    Reaction.PROBE_FAILED: (Event.IMPAIRED, Event.CONNECTION_LOST),
+    Reaction.CONNECT_FAILED: (Event.CONNECT_FAILED, Event.GIVE_UP),
+    Reaction.NONE: (),
+}
+
+#: What a health verdict (``recovery.HealthTracker``) fires.
+VERDICT_EVENT: dict[Verdict, Event | None] = {
+    Verdict.NONE: None,
+    Verdict.IMPAIRED: Event.IMPAIRED,
+    Verdict.HEALTHY: Event.HEALTHY,
+    Verdict.UNHEALTHY: Event.CONNECTION_LOST,
+}
+
+#: C_Login answers that mean the login we wanted is there.
+LOGIN_OK_VALUES: frozenset[int] = frozenset({CKR["CKR_OK"], CKR["CKR_USER_ALREADY_LOGGED_IN"]})
+#: The code a probe reports when C_GetSessionInfo succeeds but no user is logged in any more.
+NOT_LOGGED_IN = Code("CKR_USER_NOT_LOGGED_IN", CKR["CKR_USER_NOT_LOGGED_IN"])
+#: C_GetSessionInfo states that mean "a user is logged in" (CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS).
+USER_SESSION_STATES: frozenset[int] = frozenset({1, 3})
+
+
+def derived_reaction(phase: Phase, event: Event | None) -> Reaction:
+    """The reaction of ``phase`` to a class whose event is ``event``, when the policy says nothing.
+
+    - call: the class's event (``none``: no transition).
+    - connect: ``fatal`` stays fatal; anything else fails the attempt, which backs off.
+    - login: ``fatal`` and ``session_lost`` keep their meaning; anything else is
+      ``connection_lost`` (a login that fails for a reason nobody classified is
+      not trusted to leave the module in a usable state).
+    - probe: the events that name a loss keep their meaning; ``impaired`` and
+      ``none`` count as a failed probe.
+    """
+    if phase is Phase.CALL:
+        return Reaction(event.value) if event is not None else Reaction.NONE
+    if event is Event.FATAL:
+        return Reaction.FATAL
+    if phase is Phase.CONNECT:
+        return Reaction.CONNECT_FAILED
+    if phase is Phase.LOGIN:
+        return Reaction.SESSION_LOST if event is Event.SESSION_LOST else Reaction.CONNECTION_LOST
+    if event in (Event.CONNECTION_LOST, Event.SESSION_LOST, Event.LOGIN_LOST):
+        return Reaction(event.value)
+    return Reaction.PROBE_FAILED
+
+
+def reaction(policy: Policy, phase: Phase, class_name: str) -> Reaction:
+    """The reaction of ``phase`` to the class ``class_name`` under ``policy``."""
+    explicit = policy.reactions.get(phase.value, {}).get(class_name)
+    if explicit is not None:
+        return Reaction(explicit)
+    return derived_reaction(phase, policy.classes[class_name].event)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the runtime is to do about one code in one phase.
+
+    - ``event``: fire it now (if the state accepts it; otherwise it is recorded as ignored).
+    - ``count``: feed the health tracker (``impaired``, ``probe_failed``) or the reconnect
+      schedule (``connect_failed``) first; the event then comes from their answer.
+    - ``error``: the error class the caller or the failure record gets; ``None`` for a call
+      means: wait for recovery and re-issue it here.
+    - ``reissue``, ``may_have_acted``: carried by that error, for the pool.
+    - ``reason``: the words after the operation's name in the error message.
+    """
+
+    phase: Phase
+    code: Code
+    code_class: str
+    reaction: Reaction
+    event: Event | None = None
+    count: Reaction | None = None
+    error: type[HSMError] | None = None
+    reissue: bool = False
+    may_have_acted: bool = True
+    reason: str = ""
+
+
+def _class(policy: Policy, code: Code) -> tuple[str, CodeClass]:
+    name = policy.codes.get(code.name, policy.default_class)
+    return name, policy.classes[name]
+
+
+def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, sent: bool = True,
+                in_pool: bool = False, reissues: int = 0, deadline_passed: bool = False) -> Decision:
+    """A caller's operation failed with ``code``. ``sent``: the request may have reached the HSM.
+
+    ``timed_out``: the watchdog cut the call off. ``in_pool``: the connection is a pool
+    member, which raises at once so the pool goes elsewhere instead of waiting here.
+    """
+    name, klass = _class(policy, code)
+    idempotent = policy.is_idempotent(operation)
+    unknown = sent and not idempotent
+    timeout = policy.operations.call_timeout
+    if timed_out:
+        # The watchdog cut this call off and records call_timeout; whichever thread gets
+        # there first, the record says the same thing.
+        if unknown:
+            return Decision(Phase.CALL, code, name, Reaction.CONNECTION_LOST, Event.CALL_TIMEOUT,
+                            error=OutcomeUnknown, may_have_acted=True,
+                            reason=f"overran the call timeout of {timeout:g}s and was cut off after it may "
+                                   "have reached the HSM; not re-issued: the outcome is unknown")
+        return Decision(Phase.CALL, code, name, Reaction.CONNECTION_LOST, Event.CALL_TIMEOUT,
+                        error=CallTimeout, reissue=True, may_have_acted=sent,
+                        reason=f"overran the call timeout of {timeout:g}s and was cut off")
+    react = reaction(policy, Phase.CALL, name)
+    event = REACTION_EVENT.get(react)
+    count = react if react is Reaction.IMPAIRED else None
+    base = Decision(Phase.CALL, code, name, react, event, count)
+    if react is Reaction.NONE or not klass.reissue:
+        return _with(base, OperationFailed, False, klass.may_have_acted and sent, "failed")
+    if unknown and klass.may_have_acted:
+        return _with(base, OutcomeUnknown, False, True,
+                     "failed after it may have reached the HSM; not re-issued: the outcome is unknown")
+    if in_pool:
+        return _with(base, MemberUnavailable, True, sent and klass.may_have_acted, "failed")
+    if reissues >= policy.operations.max_reissues:
+        return _with(base, OperationFailed, False, sent and klass.may_have_acted, f"failed after {reissues} re-issues")
+    if deadline_passed:
+        return _with(base, MemberUnavailable, False, sent and klass.may_have_acted,
+                     f"deadline of {policy.operations.deadline:g}s passed")
+    return base
+
+
+def _with(d: Decision, error: type[HSMError], reissue: bool, may_have_acted: bool, reason: str) -> Decision:
+    return Decision(d.phase, d.code, d.code_class, d.reaction, d.event, d.count, error, reissue, may_have_acted,
+                    reason)
+
+
+def decide_connect(policy: Policy, code: Code) -> Decision:
+    """A connect attempt (C_Initialize, the token, the anchor session) failed with ``code``.
+
+    ``connect_failed`` counts an attempt: the runtime asks the reconnect schedule,
+    which answers ``give_up`` once ``connect.max_attempts`` ran out.
+    """
+    name, _ = _class(policy, code)
+    react = reaction(policy, Phase.CONNECT, name)
+    if react is Reaction.FATAL:
+        return Decision(Phase.CONNECT, code, name, react, Event.FATAL, error=MemberUnavailable,
+                        may_have_acted=False, reason="the policy treats this as fatal")
+    return Decision(Phase.CONNECT, code, name, react, None, count=Reaction.CONNECT_FAILED,
+                    error=MemberUnavailable, may_have_acted=False)
+
+
+def decide_login(policy: Policy, code: Code, *, timed_out: bool) -> Decision:
+    """The attempt's one C_Login answered ``code`` (``timed_out``: the watchdog cut it off)."""
+    name, _ = _class(policy, code)
+    if not timed_out and code.value in LOGIN_OK_VALUES:
+        return Decision(Phase.LOGIN, code, name, Reaction.NONE, Event.LOGIN_OK, may_have_acted=False)
+    if timed_out:
+        return Decision(Phase.LOGIN, CALL_TIMEOUT, name, Reaction.CONNECTION_LOST, Event.CALL_TIMEOUT,
+                        count=Reaction.CONNECT_FAILED, may_have_acted=False)
+    react = reaction(policy, Phase.LOGIN, name)
+    if react is Reaction.FATAL:
+        return Decision(Phase.LOGIN, code, name, react, Event.FATAL, error=LoginRejected, may_have_acted=False,
+                        reason="the HSM rejected the login; hsmfsm will not try this PIN again "
+                               "(a retry can lock the token). Fix the PIN, then call reset()")
+    # Every other failed login counts as a failed attempt, so a token that keeps
+    # refusing logins still runs out of connect.max_attempts.
+    return Decision(Phase.LOGIN, code, name, react, REACTION_EVENT[react], count=Reaction.CONNECT_FAILED,
+                    may_have_acted=False)
+
+
+def decide_probe(policy: Policy, code: Code, *, timed_out: bool, session_state: int | None = None) -> Decision:
+    """The health probe answered ``code`` (and, for C_GetSessionInfo, the session's state).
+
+    A probe that succeeds has ``reaction`` ``none`` and no event: the runtime reports it
+    to the health tracker, whose verdict (``healthy``) may fire.
+    """
+    if timed_out:
+        name, _ = _class(policy, CALL_TIMEOUT)
+        return Decision(Phase.PROBE, CALL_TIMEOUT, name, Reaction.CONNECTION_LOST, Event.CALL_TIMEOUT)
+    if code.value == CKR["CKR_OK"]:
+        if session_state is None or session_state in USER_SESSION_STATES:
+            return Decision(Phase.PROBE, code, "", Reaction.NONE)
+        code = NOT_LOGGED_IN  # the session lives but nobody is logged in any more
+    name, _ = _class(policy, code)
+    react = reaction(policy, Phase.PROBE, name)
+    if react is Reaction.PROBE_FAILED:
+        return Decision(Phase.PROBE, code, name, react, None, count=Reaction.PROBE_FAILED)
+    return Decision(Phase.PROBE, code, name, react, REACTION_EVENT[react])
+
+
+def pool_may_reissue(error: HSMError, idempotent: bool) -> bool:
+    """May a pool send a call that failed on one member with ``error`` to another?
+
+    Only when the member said so (``reissue``), never after ``OutcomeUnknown``, and a
+    non-idempotent call only when it cannot have reached the HSM.
+    """
+    if isinstance(error, OutcomeUnknown) or not error.reissue:
+        return False
+    return idempotent or not error.may_have_acted
+
+
+@dataclass(frozen=True, slots=True)
+class ReactionRow:
+    """One line of the rule-book under a policy: a phase, a class, what it does, and its codes."""
+
+    phase: Phase
+    code_class: str
+    reaction: Reaction
+    explicit: bool  # written in the policy's ``reactions`` section (not derived)
+    events: tuple[Event, ...]  # the events it can fire
+    codes: tuple[str, ...]  # the codes of the class (sorted); the default class says so in ``default``
+    default: bool  # the policy's default class: every code not listed
+
+
+def reaction_table(policy: Policy) -> list[ReactionRow]:
+    """Every (phase, class) reaction under ``policy``, in a fixed order."""
+    by_class: dict[str, list[str]] = {name: [] for name in policy.classes}
+    for code, klass in policy.codes.items():
+        by_class.setdefault(klass, []).append(code)
+    rows = []
+    for phase in Phase:
+        for name in sorted(policy.classes):
+            react = reaction(policy, phase, name)
+            events = ((REACTION_EVENT[react],) if react in REACTION_EVENT and react is not Reaction.CONNECT_FAILED
+                      else COUNT_EVENTS.get(react, ()))
+            rows.append(ReactionRow(phase, name, react, name in policy.reactions.get(phase.value, {}), events,
+                                    tuple(sorted(by_class.get(name, []))), name == policy.default_class))
+    return rows
+
+
+@dataclass(frozen=True, slots=True)
+class Edge:
+    """A transition the runtime can take under a policy, and why (phase and classes, or a step)."""
+
+    source: State
+    event: Event
+    dest: State
+    phase: Phase | None  # None: not driven by a code (the supervisor's own steps, the application)
+    classes: tuple[str, ...]
+
+
+#: Transitions not driven by a return code, with what drives them.
+STEPS: dict[Event, str] = {
+    Event.CONNECT: "supervisor: a connect attempt is due",
+    Event.SESSION_OPENED: "connect: the anchor session is open",
+    Event.LOGIN_OK: "login: C_Login answered CKR_OK or CKR_USER_ALREADY_LOGGED_IN",
+    Event.GIVE_UP: "connect: connect.max_attempts failed attempts in a row",
+    Event.CALL_TIMEOUT: "watchdog: a call overran operations.call_timeout",
+    Event.IMPAIRED: "degraded.enter_after slow (> degraded.slow_call) or impaired calls or failed probes",
+    Event.HEALTHY: "degraded.leave_after healthy calls or probe.healthy_after healthy probes",
+    Event.CONNECTION_LOST: "probe: probe.unhealthy_after failed probes in a row",
+    Event.CLOSE: "the application closes the connection",
+    Event.RESET: "a person resets the connection",
+    Event.FORKED: "the process forked: the child abandons what it inherited",
+}
+
+
+def edges(policy: Policy) -> Iterator[Edge]:
+    """Every transition the runtime can take under ``policy``: code-driven ones per phase
+    (grouped by event, listing the classes), then the steps. Nothing the code cannot do."""
+    seen: set[tuple[State, Event, Phase | None]] = set()
+    grouped: dict[tuple[Phase, Event], list[str]] = {}
+    for row in reaction_table(policy):
+        for event in row.events:
+            grouped.setdefault((row.phase, event), []).append(row.code_class)
+    for (phase, event), classes in grouped.items():
+        for source in PHASE_STATES[phase]:
+            dest = TRANSITIONS.get((source, event))
+            if dest is not None and (source, event, phase) not in seen:
+                seen.add((source, event, phase))
+                yield Edge(source, event, dest, phase, tuple(sorted(set(classes))))
+    for (source, event), dest in TRANSITIONS.items():
+        if event in STEPS and event not in (Event.CONNECTION_LOST,):
+            if event is Event.IMPAIRED or event is Event.HEALTHY:
+                if source not in SERVING:
+                    continue
+            yield Edge(source, event, dest, None, ())

@@ -1,0 +1,188 @@
+"""The two things a connection is given rather than builds: its module and its clock.
+
+``SlotConnection`` and ``Pool`` accept any object with the shape of
+:class:`Module` (what they call on a PKCS#11 module) and of :class:`Clock`
+(time, and the waiting and locking that depend on it). In production the
+module is :class:`hsmfsm.p11.P11Module` (python-pkcs11, or a host process for
+``isolation: process``) and the clock is :data:`hsmfsm.runtime.clock.SYSTEM`.
+Tests and ``hsmfsm simulate`` pass :class:`hsmfsm.testing.ScriptedModule` and
+:class:`hsmfsm.testing.VirtualClock`, and run the same connection and pool code
+on virtual time.
+
+Every :class:`Module` method that talks to the HSM raises
+:class:`hsmfsm.core.errors.ModuleCallError` (carrying the return code) on
+failure, and nothing else: the runtime decides from the code alone
+(:mod:`hsmfsm.core.rules`). Sessions, tokens and keys are opaque objects
+owned by the module; the runtime never looks inside them, only hands them
+back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..core.codes import Code
+
+#: The kinds of key a call may ask for.
+PRIVATE_KEY = "private"
+PUBLIC_KEY = "public"
+
+
+class Module(Protocol):
+    """What a slot connection calls on a PKCS#11 module (one instance per connection)."""
+
+    #: For messages and logs: the member's name.
+    name: str
+    #: C_Initialize succeeded and no C_Finalize came since.
+    initialized: bool
+    #: False when the module refused CKF_OS_LOCKING_OK: calls into it must be serialised.
+    parallel: bool
+
+    @property
+    def can_cut_off(self) -> bool:
+        """Whether a hung call can be made to return from outside (a socket to cut, a process to kill).
+
+        Such modules are also called one request at a time: p11-kit-client closes a
+        failed socket under another thread's read (docs/FACTS.md)."""
+        ...
+
+    def prepare(self, timeout: float) -> None:
+        """Before a (re)initialisation: make sure whatever serves the module runs (a host process).
+        Failures are logged, not raised: the attempt then fails with the module's own code."""
+        ...
+
+    def initialize(self) -> Code:
+        """Load the module (first time) or C_Finalize + C_Initialize it. Returns C_Initialize's code."""
+        ...
+
+    def finalize(self) -> Code:
+        """C_Finalize, if initialised."""
+        ...
+
+    def find_token(self, label: str) -> Any:
+        """The token labelled ``label`` (raises ModuleCallError: HSMFSM_NO_SUCH_TOKEN, ...)."""
+        ...
+
+    def open_session(self, token: Any) -> Any:
+        """C_OpenSession (read-write, no login: login is per application and token)."""
+        ...
+
+    def close_session(self, session: Any) -> Code:
+        """C_CloseSession without C_Logout (which would log every session out)."""
+        ...
+
+    def login(self, session: Any, pin: str) -> Code:
+        """Exactly one C_Login as the user. Returns its code (never raises for a rejected PIN)."""
+        ...
+
+    def session_state(self, session: Any) -> tuple[Code, int]:
+        """C_GetSessionInfo: the code and the session state (CKS_*)."""
+        ...
+
+    def token_info(self, token: Any) -> None:
+        """C_GetTokenInfo, as a probe."""
+        ...
+
+    def find_key(self, session: Any, label: str, kind: str) -> Any:
+        """Exactly one key of ``kind`` (``private`` or ``public``) labelled ``label``; the search is
+        always finished. None found: HSMFSM_NO_SUCH_KEY; several: HSMFSM_MULTIPLE_OBJECTS."""
+        ...
+
+    def mechanism(self, mechanism: Any) -> Any:
+        """The module's value for a mechanism given by name (``"SHA256_RSA_PKCS"``) or as its own value.
+        Raises ValueError for a name it does not know."""
+        ...
+
+    def sign(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes: ...
+
+    def verify(self, key: Any, data: bytes, signature: bytes, mechanism: Any, param: Any) -> bool: ...
+
+    def decrypt(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes: ...
+
+    def generate_random(self, session: Any, nbytes: int) -> bytes: ...
+
+    def generate_keypair(self, session: Any, key_type: Any, bits: int, label: str) -> Any: ...
+
+    def cut_off(self) -> tuple[int, int]:
+        """Make every call stuck in the module return: (host processes killed, sockets cut)."""
+        ...
+
+    def stop(self) -> None:
+        """The connection is closed for good: stop what :meth:`prepare` started."""
+        ...
+
+    def for_child(self) -> Module:
+        """In a forked child: the instance to use from now on (a fresh one for a socket module)."""
+        ...
+
+
+class Lock(Protocol):
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool: ...
+
+    def release(self) -> None: ...
+
+    def __enter__(self) -> bool: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+
+class Condition(Protocol):
+    def __enter__(self) -> bool: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool: ...
+
+    def notify_all(self) -> None: ...
+
+
+class Signal(Protocol):
+    """A wake-up flag (``threading.Event``'s shape)."""
+
+    def set(self) -> None: ...
+
+    def clear(self) -> None: ...
+
+    def is_set(self) -> bool: ...
+
+    def wait(self, timeout: float | None = None) -> bool: ...
+
+
+class Thread(Protocol):
+    def join(self, timeout: float | None = None) -> None: ...
+
+    def is_alive(self) -> bool: ...
+
+
+class Clock(Protocol):
+    """Time, and everything in the runtime that waits on it.
+
+    Waiting and time cannot be injected apart: a virtual clock has to know
+    when every thread is blocked to move time on. So the runtime makes its
+    locks, conditions, wake-up signals, threads and sleeps through its clock.
+    """
+
+    def monotonic(self) -> float:
+        """Seconds on a clock that never goes back (deadlines, back-off, the watchdog)."""
+        ...
+
+    def time(self) -> float:
+        """UNIX time, for records."""
+        ...
+
+    def sleep(self, seconds: float) -> None: ...
+
+    def random(self) -> float:
+        """A float in [0, 1): the back-off's jitter."""
+        ...
+
+    def lock(self) -> Lock: ...
+
+    def condition(self, lock: Lock) -> Condition: ...
+
+    def signal(self) -> Signal: ...
+
+    def start_thread(self, target: Callable[[], None], name: str) -> Thread:
+        """Start a daemon thread running ``target``."""
+        ...
