@@ -69,6 +69,7 @@ def test_pin_sources(tmp_path, monkeypatch):
     assert "2468" not in repr(PinSource(f"file:{pin_file}")) and "1111" not in repr(PinSource(lambda: "1111"))
 
 
+@pytest.mark.hsm
 def test_demo_entry_point_runs_clean_and_leaves_no_process(tmp_path):
     """`make demo`'s entry point with its script shortened: zero failed calls, a timeline, nothing left running."""
     out = tmp_path / "out"
@@ -98,6 +99,7 @@ def test_demo_entry_point_runs_clean_and_leaves_no_process(tmp_path):
     assert not Path(lab).exists()
 
 
+@pytest.mark.hsm
 def test_demo_removes_its_output_folder_unless_kept(tmp_path):
     out = tmp_path / "gone"
     proc = hsmfsm("demo", "--speed", "0.25", "--out", str(out), timeout=120)

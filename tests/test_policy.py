@@ -485,7 +485,7 @@ def test_check_files_with_nothing_to_check_fails() -> None:
 
 
 def _run_check(*paths: str) -> subprocess.CompletedProcess[str]:
-    code = "import sys; from hsmfsm.policy_loader import check_files; sys.exit(check_files(sys.argv[1:]))"
+    code = "import sys; from hsmfsm.config.policy_file import check_files; sys.exit(check_files(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=60,
                           cwd=REPO)
 

@@ -427,7 +427,7 @@ def test_check_any_files_reports_policies_and_pools(mix: list[str]) -> None:
 
 def test_check_any_files_in_a_subprocess_never_prints_a_traceback(mix: list[str], tmp_path: Path) -> None:
     junk = write(tmp_path, "pool: [\x01", "junk.yaml")
-    code = "import sys; from hsmfsm.pool_config import check_any_files; sys.exit(check_any_files(sys.argv[1:]))"
+    code = "import sys; from hsmfsm.config.pool_file import check_any_files; sys.exit(check_any_files(sys.argv[1:]))"
     run = subprocess.run([sys.executable, "-c", code, *mix, str(junk), str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2

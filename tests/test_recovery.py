@@ -1,4 +1,4 @@
-"""Unit tests for the pure recovery arithmetic in :mod:`hsmfsm.recovery`."""
+"""Unit tests for the pure recovery arithmetic in :mod:`hsmfsm.core.recovery`."""
 
 from __future__ import annotations
 

@@ -32,6 +32,7 @@ def test_schedule_is_reproducible_and_never_takes_the_last_member_outside_window
 
 
 @pytest.mark.parametrize("isolation", ["none", "process"])
+@pytest.mark.hsm
 def test_twenty_second_soak_every_must_be_row_holds(tmp_path, isolation):
     out = io.StringIO()
     t0 = time.monotonic()

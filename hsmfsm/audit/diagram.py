@@ -1,6 +1,6 @@
 """Audit diagrams drawn from the transition table and a policy, never by hand.
 
-The picture comes from :data:`hsmfsm.states.TRANSITIONS` (the same table that
+The picture comes from :data:`hsmfsm.core.states.TRANSITIONS` (the same table that
 builds the live machine) and labels each code-driven edge with the return
 codes that fire it under the given policy, so a policy that maps a code
 differently draws a different diagram. The DOT text is deterministic: the
@@ -136,7 +136,7 @@ def _code_table(policy: Policy) -> str:
 def pool_to_dot(spec: PoolSpec, status: Sequence[MemberStatus] | None = None) -> str:
     """The DOT source for a pool: its members, roles, balancing and recovery, each member's machine.
 
-    ``status`` (from :meth:`hsmfsm.pool.Pool.status`) highlights each member's
+    ``status`` (from :meth:`hsmfsm.runtime.pool.Pool.status`) highlights each member's
     current state: the live picture of ``hsmfsm diagram --live``.
     """
     from ..runtime.pool import Pool

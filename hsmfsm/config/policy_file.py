@@ -18,9 +18,9 @@ there the loader:
 5. checks what a schema cannot: code names, class references, and the order
    of related values (``backoff.initial <= backoff.max``,
    ``call_timeout <= deadline``),
-6. builds the frozen :class:`~hsmfsm.policy.Policy`.
+6. builds the frozen :class:`~hsmfsm.core.policy.Policy`.
 
-:class:`~hsmfsm.policy.PolicyError` is the only exception that leaves this
+:class:`~hsmfsm.core.policy.PolicyError` is the only exception that leaves this
 module, whatever the input.
 """
 

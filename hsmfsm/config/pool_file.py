@@ -2,7 +2,7 @@
 
 A pool file is read by the same people, under the same pressure, as a policy
 file, so it is checked the same way and by the same machinery
-(:mod:`hsmfsm.policy_loader`): the YAML is composed with line numbers and the
+(:mod:`hsmfsm.config.policy_file`): the YAML is composed with line numbers and the
 alias-bomb guards, validated against ``pool.schema.json`` (the one definition
 of the format), and every mistake comes back as one line,
 ``FILE:LINE: FIELD: what is wrong``. What the schema cannot say is checked
@@ -11,7 +11,7 @@ the environment or a file, ``${VAR}`` references resolve, and the policy
 exists and is valid. A policy written inline keeps the pool file's line
 numbers; a referenced policy file keeps its own.
 
-:class:`~hsmfsm.policy.PolicyError` is the only exception that leaves this
+:class:`~hsmfsm.core.policy.PolicyError` is the only exception that leaves this
 module, whatever the input. Nothing here connects to an HSM or opens a module:
 ``hsmfsm check`` must work on a CI machine that has neither.
 """
@@ -84,7 +84,7 @@ class MemberSpec:
     """One member as the pool file declares it, ``${VAR}`` already expanded.
 
     ``pin`` is where the PIN comes from (``env:NAME`` or ``file:PATH``), never
-    the PIN: the PIN is read at each login by :class:`~hsmfsm.pin.PinSource`.
+    the PIN: the PIN is read at each login by :class:`~hsmfsm.config.pin.PinSource`.
     ``env`` is set while the member's own module instance is loaded.
     """
 
@@ -94,7 +94,7 @@ class MemberSpec:
     pin: str
     env: Mapping[str, str]
     standby: bool = False
-    #: ``none`` (the module is loaded here) or ``process`` (behind a private host, :mod:`hsmfsm.host`).
+    #: ``none`` (the module is loaded here) or ``process`` (behind a private host, :mod:`hsmfsm.p11.host`).
     isolation: str = "none"
 
     def __post_init__(self) -> None:
@@ -132,7 +132,7 @@ class AuditSpec:
 
 @dataclass(frozen=True, slots=True)
 class PoolSpec:
-    """A whole pool file, checked: what :meth:`hsmfsm.pool.Pool.from_spec` builds a pool from."""
+    """A whole pool file, checked: what :meth:`hsmfsm.runtime.pool.Pool.from_spec` builds a pool from."""
 
     name: str
     policy: Policy

@@ -4,7 +4,7 @@ Everything here is pure: no I/O, no clock, no threads, no global randomness.
 Time comes in as monotonic seconds (floats) and randomness as a float in
 [0, 1) or a callable returning one, so the supervisor owns the clock and the
 lock, and tests can drive these classes with a fake clock and exact random
-values. Neither class knows the connection's :class:`~hsmfsm.states.State`:
+values. Neither class knows the connection's :class:`~hsmfsm.core.states.State`:
 they only tell the caller what happened, and the caller fires the events.
 """
 

@@ -153,7 +153,7 @@ class SlotConnection:
     :meth:`open` and :meth:`close`.
 
     ``isolation="process"`` runs the module in a process of its own behind a
-    private ``p11-kit server`` (:mod:`hsmfsm.host`): a call hung inside a vendor
+    private ``p11-kit server`` (:mod:`hsmfsm.p11.host`): a call hung inside a vendor
     module can then be cut off at the call timeout, which no in-process module
     allows. ``"none"`` (the default) loads the module here.
     """

@@ -57,7 +57,7 @@ class MemberStatus:
     max_attempts: int | None
     next_attempt_in: float | None
     inflight: int
-    isolation: str = "none"  # "process": the module runs in a host process (hsmfsm.host)
+    isolation: str = "none"  # "process": the module runs in a host process (hsmfsm.p11.host)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -484,7 +484,7 @@ def run(duration: float = 120.0, threads: int = 4, seed: int = 1, members: int =
     """Run one soak; print the tally; return 0 when every "must be" row holds, else 1.
 
     ``isolation="process"`` loads every active member's module in a host process
-    (:mod:`hsmfsm.host`): the same faults then strike a module hsmfsm cannot cut off
+    (:mod:`hsmfsm.p11.host`): the same faults then strike a module hsmfsm cannot cut off
     from inside the process, and the host's stuck processes are what gets killed.
     """
     if members not in (2, 3):

@@ -590,7 +590,7 @@ class Relay:
         """Start the child and return once it listens on `listen_path` (a stale file there is replaced)."""
         if self._proc is not None:
             raise RelayError(f"relay on {self.listen_path} already started (pid {self._proc.pid})")
-        # Not "-m": hsmfsm.lab imports this module first, and runpy would warn about running it twice.
+        # Not "-m": hsmfsm.testing.lab imports this module first, and runpy would warn about running it twice.
         argv = [sys.executable, "-c", f"import sys, {__name__} as r; sys.exit(r.main(sys.argv[1:]))",
                 str(self.listen_path), str(self.upstream_path),
                 "--latency", repr(self._latency)] + (["--trace"] if self._trace else [])
