@@ -238,6 +238,46 @@ def test_audit_command_exit_codes_and_messages(tmp_path):
     assert missing.returncode == 1 and "cannot read" in missing.stderr and "Traceback" not in missing.stderr
 
 
+def test_a_code_with_no_number_is_null_in_the_record_and_never_shown_as_0x0(tmp_path):
+    """HSMFSM_CALL_TIMEOUT is hsmfsm's own code: it has no CK_RV (``Code.value`` is None).
+
+    Written or shown as 0 / 0x0 it would read as CKR_OK, the opposite of what happened.
+    """
+    from hsmfsm.core.codes import CALL_TIMEOUT, CKR_OK
+
+    assert CALL_TIMEOUT.value is None
+    path = tmp_path / "t.jsonl"
+    timed_out = TransitionRecord(1_790_000_000.0, "hsm-a", "logged_in", "disconnected", "call_timeout",
+                                 CALL_TIMEOUT.name, CALL_TIMEOUT.value, 0, 1)
+    logged_in = TransitionRecord(1_790_000_001.0, "hsm-a", "open", "logged_in", "login_ok",
+                                 CKR_OK.name, CKR_OK.value, 0, 2)
+    with AuditLog(path, pool="signer") as log:
+        log(timed_out)
+        log(logged_in)
+    lines = lines_of(path)
+    records = [json.loads(line) for line in lines]
+    assert records[1]["code"] == "HSMFSM_CALL_TIMEOUT" and records[1]["code_value"] is None
+    assert '"code_value":null' in lines[1]
+    assert records[2]["code"] == "CKR_OK" and records[2]["code_value"] == 0  # a real CKR_OK keeps its number
+    assert verify([path]).ok
+
+    def timeout_lines(text_lines):
+        found = [line for line in text_lines if "HSMFSM_CALL_TIMEOUT" in line]
+        assert len(found) == 1, text_lines
+        return found[0]
+
+    shown = list(audit.timeline([path]))  # what `audit show` and the demo's timeline print
+    line = timeout_lines(shown)
+    assert "0x" not in line and "CKR_OK" not in line and "on call_timeout  HSMFSM_CALL_TIMEOUT  attempt=" in line
+    assert "CKR_OK (0x0)" in shown[2]
+    assert "0x" not in str(timed_out)
+    assert timed_out.as_dict()["code_value"] is None
+    cli = subprocess.run([sys.executable, "-m", "hsmfsm", "audit", "show", str(path)], capture_output=True,
+                         text=True, timeout=60, cwd=ROOT)
+    assert cli.returncode == 0, cli.stderr
+    assert "0x" not in timeout_lines(cli.stdout.splitlines())
+
+
 # --------------------------------------------------------------------------- on real HSMs
 
 

@@ -67,7 +67,7 @@ def test_session_lost_closes_the_lost_generations_sessions(client_module, networ
 
     from hsmfsm import SlotConnection
     from hsmfsm.testing.lab import Relay
-    from hsmfsm.tools.soak import _SessionCounter
+    from hsmfsm.tools.soak import SessionCounter
 
     from conftest import sign_ec
 
@@ -76,7 +76,7 @@ def test_session_lost_closes_the_lost_generations_sessions(client_module, networ
     conn = SlotConnection(module=client_module, token_label=network_hsm.token.label, pin=pin_env,
                           policy=fast_policy(), name="hsm-a", env={"P11_KIT_SERVER_ADDRESS": relay.address},
                           probe=False)
-    counter = _SessionCounter()
+    counter = SessionCounter()
     try:
         conn.open()
 
@@ -108,7 +108,7 @@ def test_the_workload_counts_wrong_signatures_unhandled_errors_and_lost_calls(to
 
     from cryptography.hazmat.primitives import serialization
     from hsmfsm.core.errors import MemberUnavailable
-    from hsmfsm.tools.soak import _Secrets, _Workload
+    from hsmfsm.tools.soak import Secrets, Workload
 
     public = serialization.load_der_public_key(token.public_key_der("ec"))
     calls = iter(range(1000))
@@ -126,8 +126,8 @@ def test_the_workload_counts_wrong_signatures_unhandled_errors_and_lost_calls(to
             release.wait(5)  # hangs: lost
             raise MemberUnavailable("hsm-x", "late")
 
-    scanner = _Secrets("1234-secret")
-    work = _Workload(LyingPool(), public, 1, 1, scanner, lost_after=0.2)
+    scanner = Secrets("1234-secret")
+    work = Workload(LyingPool(), public, 1, 1, scanner, lost_after=0.2)
     work.start()
     time.sleep(0.6)
     work.watch(time.monotonic())

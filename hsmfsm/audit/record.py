@@ -473,11 +473,12 @@ def verify(paths: Iterable[str | os.PathLike[str]], *, partial: bool = False) ->
         verdict.problem = f"{where or files[0]}: cannot read: {exc.strerror}"
         return verdict
     live = next((p for p in files if not _ROTATED.search(p.name)), None)
-    head = _read_head(live) if live is not None and live == files[-1] else None
+    last = files[-1]
+    head = _read_head(last) if live == last else None  # the head file goes with the live log, if last
     if head is not None and verdict.last_seq is not None:
         if head["seq"] > verdict.last_seq:
             verdict.problem = (f"{where}: the log ends at seq {verdict.last_seq} but its head file "
-                               f"{head_path(live)} says seq {head['seq']}: "
+                               f"{head_path(last)} says seq {head['seq']}: "
                                f"{head['seq'] - verdict.last_seq} record(s) after this line were deleted")
             return verdict
         if head["seq"] == verdict.last_seq and head["hash"] != verdict.last_hash:

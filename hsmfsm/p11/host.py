@@ -45,6 +45,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import IO
 from urllib.parse import quote
 
 from .module import ModuleError
@@ -134,7 +135,7 @@ class ModuleHost:
         self.token_label = token_label
         self.name = name
         self._dir: Path | None = None
-        self._guardian: subprocess.Popen | None = None
+        self._guardian: subprocess.Popen[bytes] | None = None
         self._listener: int | None = None
         self._owner = os.getpid()
         self._socket: Path | None = None
@@ -211,7 +212,7 @@ class ModuleHost:
         """The last line the server or its children wrote to stderr (vendor modules report there)."""
         return self._stderr[-1] if self._stderr else ""
 
-    def _forward_stderr(self, pipe) -> None:
+    def _forward_stderr(self, pipe: IO[bytes]) -> None:
         """p11-kit's and the vendor module's stderr, to the ``hsmfsm.host`` logger: an operator
         sees the vendor's own words next to the transitions, and nothing grows on disk."""
         with pipe:
@@ -226,7 +227,8 @@ class ModuleHost:
     def _start(self, timeout: float) -> None:
         p11_kit = shutil.which("p11-kit")
         if p11_kit is None:
-            raise HostError(f"{self.name}: isolation: process needs p11-kit on PATH; install the Debian package p11-kit")
+            raise HostError(f"{self.name}: isolation: process needs p11-kit on PATH; "
+                            "install the Debian package p11-kit")
         self._check_loadable(timeout)
         self.client_env  # noqa: B018 - chooses the private directory and the socket path
         assert self._socket is not None and self._dir is not None

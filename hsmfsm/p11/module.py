@@ -38,10 +38,12 @@ import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import pkcs11
 
 from ..core.codes import Code, code_from_value
+from ..core.errors import ModuleError as _CoreModuleError
 
 CK_RV = ctypes.c_ulong
 CK_ULONG = ctypes.c_ulong
@@ -51,8 +53,6 @@ CKR_OK = 0
 CKR_CANT_LOCK = 0xA
 CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
 CKR_USER_ALREADY_LOGGED_IN = 0x100
-#: C_GetSessionInfo states that mean "a user is logged in".
-USER_SESSION_STATES = frozenset({1, 3})  # CKS_RO_USER_FUNCTIONS, CKS_RW_USER_FUNCTIONS
 
 
 class _Version(ctypes.Structure):
@@ -65,7 +65,9 @@ class _Info(ctypes.Structure):
                 ("libraryVersion", _Version)]
 
 
-class _SessionInfo(ctypes.Structure):
+class SessionInfo(ctypes.Structure):
+    """CK_SESSION_INFO."""
+
     _fields_ = [("slotID", CK_ULONG), ("state", CK_ULONG), ("flags", CK_ULONG), ("ulDeviceError", CK_ULONG)]
 
 
@@ -91,15 +93,14 @@ _PROTO = {
     "C_Initialize": ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p),
     "C_Finalize": ctypes.CFUNCTYPE(CK_RV, ctypes.c_void_p),
     "C_GetInfo": ctypes.CFUNCTYPE(CK_RV, ctypes.POINTER(_Info)),
-    "C_GetSessionInfo": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_SessionInfo)),
+    "C_GetSessionInfo": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(SessionInfo)),
     "C_Login": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG),
     "C_Logout": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
     "C_CloseSession": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
 }
 
 
-class ModuleError(RuntimeError):
-    """The module could not be loaded or is of a layout hsmfsm cannot drive safely."""
+ModuleError = _CoreModuleError  # one class: the runtime catches it without importing this package
 
 
 def _function_list_address(lib: object) -> int:
@@ -322,7 +323,7 @@ class ModuleInstance:
 
     def session_state(self, session_handle: int) -> tuple[Code, int]:
         """C_GetSessionInfo: the probe. Returns the code and the session state (CKS_*)."""
-        info = _SessionInfo()
+        info = SessionInfo()
         rv = self._fn["C_GetSessionInfo"](session_handle, ctypes.byref(info))
         return code_from_value(rv), int(info.state)
 
@@ -330,6 +331,11 @@ class ModuleInstance:
         """C_CloseSession without the C_Logout that python-pkcs11's ``Session.close`` adds
         (a logout there would log every other session out)."""
         return code_from_value(self._fn["C_CloseSession"](session_handle))
+
+    def function(self, name: str) -> Any:
+        """A function of the module's list, as ctypes calls it (those declared here), or None
+        before the module was first loaded."""
+        return self._fn.get(name)
 
     def logout(self, session_handle: int) -> Code:
         return code_from_value(self._fn["C_Logout"](session_handle))
@@ -390,3 +396,6 @@ class ModuleInstance:
 
     def __repr__(self) -> str:
         return f"<ModuleInstance {self.name} {self.module} initialized={self.initialized} parallel={self.parallel}>"
+
+
+_SessionInfo = SessionInfo  # the soak's old name

@@ -7,9 +7,9 @@ and the locks it makes are plain ``threading`` locks.
 
 from __future__ import annotations
 
-import random
+import random as _random
 import threading
-import time
+import time as _time
 from collections.abc import Callable
 
 from .edge import Condition, Lock, Signal, Thread
@@ -18,10 +18,10 @@ from .edge import Condition, Lock, Signal, Thread
 class SystemClock:
     """Wall time, monotonic time, real threads and locks."""
 
-    monotonic = staticmethod(time.monotonic)
-    time = staticmethod(time.time)
-    sleep = staticmethod(time.sleep)
-    random = staticmethod(random.random)
+    monotonic = staticmethod(_time.monotonic)
+    time = staticmethod(_time.time)
+    sleep = staticmethod(_time.sleep)
+    random = staticmethod(_random.random)
 
     def lock(self) -> Lock:
         return threading.Lock()

@@ -25,6 +25,10 @@ class Listeners:
         with self._lock:
             self._items = tuple(x for x in self._items if x is not listener)
 
+    def after_fork_in_child(self) -> None:
+        """Another thread may have held the lock at the fork."""
+        self._lock = threading.Lock()
+
     def emit(self, record: TransitionRecord) -> None:
         level = logging.WARNING if record.dest in ("disconnected", "failed") and record.event != "close" \
             else logging.INFO

@@ -16,7 +16,11 @@ Recovery of members:
 - ``in_call``: the vendor HA library's semantics, for comparison: recovery
   is attempted only inside a caller's call, at most every X seconds, at most
   N times; a failure counts an attempt, a success brings the member back and
-  resets its count.
+  resets its count. The counting is the same :class:`ReconnectSchedule` the
+  background mode uses, kept per member under the pool's lock.
+
+Which failures may go to another member is the rule-book's decision
+(:func:`hsmfsm.core.rules.pool_may_reissue`); the pool only carries it out.
 """
 
 from __future__ import annotations
@@ -24,23 +28,22 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import threading
-import time
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-import pkcs11
-
 from ..audit.record import AuditLog
-from ..core.errors import AllMembersDown, HSMError, OutcomeUnknown
-from ..core.policy import Backoff, Policy
+from ..core import rules
+from ..core.errors import AllMembersDown, HSMError
+from ..core.policy import Backoff, ConnectPolicy, Policy
 from ..core.records import Listener, TransitionRecord
-from ..core.states import State
+from ..core.recovery import ReconnectSchedule
+from ..core.states import SERVING, State
+from .clock import SYSTEM
 from .connection import SlotConnection
+from .edge import Clock
 
-_now = time.monotonic
 BALANCES = ("round_robin", "least_busy", "primary")
 
 
@@ -64,13 +67,13 @@ class MemberStatus:
 
 
 class _Member:
-    __slots__ = ("conn", "standby", "attempts", "last_attempt", "gave_up")
+    __slots__ = ("conn", "schedule", "standby")
 
-    def __init__(self, conn: SlotConnection, standby: bool) -> None:
+    def __init__(self, conn: SlotConnection, standby: bool, schedule: ReconnectSchedule) -> None:
         self.conn, self.standby = conn, standby
-        self.attempts = 0  # in-call recovery bookkeeping (background mode uses the member's own schedule)
-        self.last_attempt = float("-inf")
-        self.gave_up = False
+        #: In-call recovery: when the next attempt may be asked for, and how many ran
+        #: (background mode uses the member's own schedule). Read and written under the pool's lock.
+        self.schedule = schedule
 
 
 class Pool:
@@ -79,7 +82,7 @@ class Pool:
     def __init__(self, name: str, members: Iterable[tuple[SlotConnection, bool]], policy: Policy, *,
                  balance: str = "round_robin", recovery_mode: str = "background",
                  recovery_interval: float = 10.0, recovery_max_attempts: int | None = 6,
-                 audit: AuditLog | None = None) -> None:
+                 audit: AuditLog | None = None, clock: Clock | None = None) -> None:
         if balance not in BALANCES:
             raise ValueError(f"balance must be one of {', '.join(BALANCES)}")
         if recovery_mode not in ("background", "in_call"):
@@ -87,12 +90,19 @@ class Pool:
         self.name, self.policy, self.balance = name, policy, balance
         self.recovery_mode = recovery_mode
         self.interval, self.max_attempts = recovery_interval, recovery_max_attempts
-        self._members = [_Member(conn, standby) for conn, standby in members]
+        self._clock = clock = clock or SYSTEM
+        self._now = clock.monotonic
+        # X seconds apart, no growth, no jitter; N attempts (in-call mode only).
+        every = ConnectPolicy(backoff=Backoff(initial=recovery_interval, multiplier=1.0, max=recovery_interval,
+                                              jitter=0.0), max_attempts=recovery_max_attempts)
+        self._members = [_Member(conn, standby, ReconnectSchedule(every, lambda: 0.5))
+                         for conn, standby in members]
         if not any(not m.standby for m in self._members):
             raise ValueError("a pool needs at least one active (non-standby) member")
         self._by_name = {m.conn.name: m for m in self._members}
         self._rr = itertools.count()
-        self._changed = threading.Condition()
+        self._lock = self._clock.lock()
+        self._changed = clock.condition(self._lock)
         self._forked = False
         _LIVE_POOLS.add(self)
         self._deadline = policy.operations.deadline
@@ -112,7 +122,8 @@ class Pool:
         Background: retry every X seconds (no growth, small jitter), N times. In-call:
         the member never retries by itself; the pool counts attempts.
         """
-        backoff = Backoff(initial=interval, multiplier=1.0, max=interval, jitter=min(0.1, policy.connect.backoff.jitter))
+        backoff = Backoff(initial=interval, multiplier=1.0, max=interval,
+                          jitter=min(0.1, policy.connect.backoff.jitter))
         connect = dataclasses.replace(policy.connect, backoff=backoff,
                                       max_attempts=max_attempts if mode == "background" else None)
         return dataclasses.replace(policy, connect=connect)
@@ -157,11 +168,11 @@ class Pool:
                 m.conn.open(wait=0)
             except HSMError:
                 pass
-        limit = _now() + (self._deadline if wait is None else wait)
+        limit = self._now() + (self._deadline if wait is None else wait)
         with self._changed:
-            self._changed.wait_for(lambda: all(m.conn.serving or m.conn.state == "failed"
+            self._changed.wait_for(lambda: all(m.conn.serving or m.conn.state is State.FAILED
                                                for m in self._members if not m.standby),
-                                   timeout=max(0.0, limit - _now()))
+                                   timeout=max(0.0, limit - self._now()))
         return self
 
     def close(self) -> None:
@@ -185,8 +196,9 @@ class Pool:
     def recover(self, name: str) -> None:
         """Bring a member that gave up back into recovery (the hand in "recovered by hand")."""
         m = self._by_name[name]
-        m.attempts, m.gave_up, m.last_attempt = 0, False, float("-inf")
-        if m.conn.state == State.FAILED.value:
+        with self._lock:
+            m.schedule.reset()
+        if m.conn.state is State.FAILED:
             m.conn.reset()
         if self.recovery_mode == "in_call":
             m.conn.request_recovery()
@@ -200,15 +212,16 @@ class Pool:
         out = []
         for m in self._members:
             c = m.conn
+            gave_up = False
             if self.recovery_mode == "background":
                 attempts, next_in = c.recovery_status()
             else:
-                attempts = m.attempts
-                due = m.last_attempt + self.interval - _now()
-                next_in = None if c.serving or m.gave_up else max(0.0, due)
+                with self._lock:
+                    attempts, next_at, gave_up = m.schedule.attempts, m.schedule.next_at, m.schedule.gave_up
+                next_in = None if c.serving or gave_up else max(0.0, (next_at or 0.0) - self._now())
             state = c.state
-            if m.gave_up and state != State.FAILED.value:
-                state = State.FAILED.value
+            if gave_up and state is not State.FAILED:
+                state = State.FAILED
             code = c.last_code
             out.append(MemberStatus(c.name, "standby" if m.standby else "active", state,
                                     code.name if code else None, code.value if code else None, attempts,
@@ -222,29 +235,32 @@ class Pool:
 
     # -- operations -----------------------------------------------------------
 
-    def sign(self, key_label: str, data: bytes, mechanism: str | pkcs11.Mechanism | None = None,
-             mechanism_param: Any = None) -> bytes:
-        return self._call("sign", lambda c: c.sign(key_label, data, mechanism, mechanism_param))
+    def sign(self, key_label: str, data: bytes, mechanism: Any = None, mechanism_param: Any = None) -> bytes:
+        result: bytes = self._call("sign", lambda c: c.sign(key_label, data, mechanism, mechanism_param))
+        return result
 
-    def verify(self, key_label: str, data: bytes, signature: bytes,
-               mechanism: str | pkcs11.Mechanism | None = None, mechanism_param: Any = None) -> bool:
-        return self._call("verify", lambda c: c.verify(key_label, data, signature, mechanism, mechanism_param))
+    def verify(self, key_label: str, data: bytes, signature: bytes, mechanism: Any = None,
+               mechanism_param: Any = None) -> bool:
+        result: bool = self._call("verify", lambda c: c.verify(key_label, data, signature, mechanism,
+                                                               mechanism_param))
+        return result
 
-    def decrypt(self, key_label: str, data: bytes, mechanism: str | pkcs11.Mechanism | None = None,
-                mechanism_param: Any = None) -> bytes:
-        return self._call("decrypt", lambda c: c.decrypt(key_label, data, mechanism, mechanism_param))
+    def decrypt(self, key_label: str, data: bytes, mechanism: Any = None, mechanism_param: Any = None) -> bytes:
+        result: bytes = self._call("decrypt", lambda c: c.decrypt(key_label, data, mechanism, mechanism_param))
+        return result
 
     def generate_random(self, nbytes: int) -> bytes:
-        return self._call("generate_random", lambda c: c.generate_random(nbytes))
+        result: bytes = self._call("generate_random", lambda c: c.generate_random(nbytes))
+        return result
 
-    def generate_keypair(self, key_type: pkcs11.KeyType, bits: int, label: str) -> Any:
+    def generate_keypair(self, key_type: Any, bits: int, label: str) -> Any:
         """Not idempotent: re-issued elsewhere only when the first member never received it."""
         return self._call("generate_keypair", lambda c: c.generate_keypair(key_type, bits, label))
 
     def _call(self, op: str, invoke: Callable[[SlotConnection], Any]) -> Any:
         if self._forked:
             self._after_fork()
-        deadline = _now() + self._deadline
+        deadline = self._now() + self._deadline
         idempotent = self.policy.is_idempotent(op)
         tried: set[str] = set()
         while True:
@@ -261,13 +277,11 @@ class Pool:
                 continue
             try:
                 return invoke(member.conn)
-            except OutcomeUnknown:
-                raise
             except HSMError as exc:
-                if not exc.reissue or (not idempotent and exc.may_have_acted):
+                if not rules.pool_may_reissue(exc, idempotent):
                     raise
                 tried.add(member.conn.name)
-                if _now() >= deadline:
+                if self._now() >= deadline:
                     raise
 
     def _choose(self, tried: set[str]) -> _Member | None:
@@ -285,7 +299,7 @@ class Pool:
                 continue
             if m.standby:
                 standby.append(m)
-            elif c.state == State.DEGRADED.value:
+            elif c.state is State.DEGRADED:
                 degraded.append(m)
             else:
                 healthy.append(m)
@@ -305,7 +319,7 @@ class Pool:
         only when a call asks it to, so waiting for the notification alone would
         wait for nothing.
         """
-        remaining = deadline - _now()
+        remaining = deadline - self._now()
         if remaining <= 0:
             return False
         step = min(remaining, 0.05) if self.recovery_mode == "in_call" else remaining
@@ -315,27 +329,27 @@ class Pool:
 
     def _recover_in_call(self) -> None:
         """The vendor's passive recovery, made correct: inside a call, at most every X seconds,
-        at most N times; a failure counts an attempt, a success resets the count."""
-        now = _now()
-        for m in self._members:
-            c = m.conn
-            if c.serving or m.gave_up or c.state == State.FAILED.value:
-                continue
-            if now - m.last_attempt < self.interval:
-                continue
-            if self.max_attempts is not None and m.attempts >= self.max_attempts:
-                m.gave_up = True
-                continue
-            m.attempts += 1
-            m.last_attempt = now
+        at most N times; a failure counts an attempt, a success resets the count.
+
+        Decided under the pool's lock (which member is due), asked for outside it.
+        """
+        now = self._now()
+        due = []
+        with self._lock:
+            for m in self._members:
+                c = m.conn
+                if c.serving or c.state is State.FAILED or not m.schedule.due(now):
+                    continue
+                m.schedule.failed(now)  # counts this attempt; the N-th one leaves the schedule given up
+                due.append(c)
+        for c in due:
             c.request_recovery()
 
     def _on_transition(self, record: TransitionRecord) -> None:
-        if record.dest in (State.LOGGED_IN.value, State.DEGRADED.value):
-            m = self._by_name.get(record.member)
-            if m is not None:
-                m.attempts, m.gave_up = 0, False
+        m = self._by_name.get(record.member)
         with self._changed:
+            if m is not None and record.dest in SERVING:
+                m.schedule.succeeded()
             self._changed.notify_all()
 
 
@@ -347,7 +361,8 @@ class Pool:
             m.conn._check_fork()
 
     def _after_fork_in_child(self) -> None:
-        self._changed = threading.Condition()  # another thread may have held it at the fork
+        self._lock = self._clock.lock()
+        self._changed = self._clock.condition(self._lock)  # another thread may have held it at the fork
         self._forked = True
 
 
@@ -370,13 +385,13 @@ def format_status(pool: Pool) -> str:
     for r in rows:
         code = r.last_code or "CKR_OK"
         extra = ""
-        if r.state not in ("logged_in", "degraded"):
+        if r.state not in SERVING:
             cap = "unlimited" if r.max_attempts is None else r.max_attempts
             nxt = "" if r.next_attempt_in is None else f", next in {r.next_attempt_in:.0f}s"
             extra = f"   recovery {r.recovery_attempts}/{cap}{nxt}"
         role = ("  (standby)" if r.role == "standby" else "") + \
             ("  (host process)" if r.isolation == "process" else "")
         lines.append(f"  {r.name:<{width}}   {r.state:<12} {code}{extra}{role}")
-    serving = sum(1 for r in rows if r.state in ("logged_in", "degraded"))
+    serving = sum(1 for r in rows if r.state in SERVING)
     lines.append(f"Status: serving on {serving} of {len(rows)} members")
     return "\n".join(lines)

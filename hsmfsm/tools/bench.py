@@ -13,8 +13,9 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 import pkcs11
 
@@ -37,8 +38,11 @@ def _rate(fn: Callable[[], object], seconds: float) -> float:
     return n / seconds
 
 
-def _raw_session(token: SoftHSMToken, hsm: NetworkHSM):
-    """A plain python-pkcs11 session on its own client instance (own socket to the server)."""
+def _raw_session(token: SoftHSMToken, hsm: NetworkHSM) -> Any:
+    """A plain python-pkcs11 session on its own client instance (own socket to the server).
+
+    ``Any``: python-pkcs11 ships no type information.
+    """
     return load_raw_client(hsm.address, "bench-raw").get_token(token_label=token.label).open(user_pin=token.pin)
 
 
@@ -107,7 +111,7 @@ def _in_process(token: SoftHSMToken, rounds: int, seconds: float, out: TextIO,
 
     results = {}
     for case in _CASES:
-        results[case] = fig = _alternate(lambda: worker("raw", case), lambda: worker(managed_kind, case), rounds)
+        results[case] = fig = _alternate(partial(worker, "raw", case), partial(worker, managed_kind, case), rounds)
         _row(case, fig, out)
     return results
 
@@ -148,12 +152,12 @@ def _pool_figures(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path, rounds: i
         label, data, mech = _CASES["ECDSA P-256 (prehashed)"]
         key = session.get_key(label=label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
         with Pool("bench", members, policy) as pool:
-            raw = lambda: key.sign(data, mechanism=mech)
-            managed = lambda: pool.sign(label, data, mechanism=mech)
+            raw = partial(key.sign, data, mechanism=mech)
+            managed = partial(pool.sign, label, data, mechanism=mech)
             raw(), managed()
             print("-- HA pool of two network HSMs vs one raw session on one, ECDSA P-256", file=out)
             for threads in (1, 2, 4):
-                fig = _alternate(lambda: _rate(raw, seconds), lambda: _threads_rate(managed, threads, seconds),
+                fig = _alternate(partial(_rate, raw, seconds), partial(_threads_rate, managed, threads, seconds),
                                  rounds)
                 results[f"pool {threads} thread(s)"] = fig
                 _row(f"pool, {threads} thread(s)", fig, out)
@@ -183,10 +187,10 @@ def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dic
                 print("-- network HSM: SoftHSM behind p11-kit server, both sides in this process", file=out)
                 for case, (label, data, mech) in _CASES.items():
                     key = session.get_key(label=label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
-                    raw = lambda: key.sign(data, mechanism=mech)
-                    managed = lambda: conn.sign(label, data, mechanism=mech)
+                    raw = partial(key.sign, data, mechanism=mech)
+                    managed = partial(conn.sign, label, data, mechanism=mech)
                     raw(), managed()  # warm up: key lookups, sessions
-                    fig = _alternate(lambda: _rate(raw, seconds), lambda: _rate(managed, seconds), rounds)
+                    fig = _alternate(partial(_rate, raw, seconds), partial(_rate, managed, seconds), rounds)
                     results[f"network {case}"] = fig
                     _row(case, fig, out)
             results.update(_pool_figures(token, hsm, workdir, rounds, seconds, out))

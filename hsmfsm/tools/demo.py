@@ -34,7 +34,7 @@ from ..audit import diagram
 from ..audit import record as audit
 from ..config.pool_file import load_pool
 from ..core.errors import HSMError
-from ..runtime.pool import Pool
+from ..runtime.pool import MemberStatus, Pool
 from ..testing.lab import NetworkHSM, SoftHSMToken, find_module
 
 #: (seconds after start, action, member, what it shows)
@@ -236,7 +236,7 @@ def _play(pool: Pool, signers: _Signers, hsms: dict[str, NetworkHSM], say: Calla
             signers.paused.clear()
 
 
-def _report(out: TextIO, log_path: Path, s: _Signers, final: list, verdict: audit.Verdict, clean: bool,
+def _report(out: TextIO, log_path: Path, s: _Signers, final: list[MemberStatus], verdict: audit.Verdict, clean: bool,
             folder: Path, keep: bool) -> None:
     print("\ntimeline of transitions (from the audit record):", file=out)
     for line in audit.timeline([log_path]):

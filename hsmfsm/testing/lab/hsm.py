@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from ...p11.host import CLIENT_CANDIDATES, accepts, live_group_members
 
@@ -156,7 +157,7 @@ class NetworkHSM:
 
     token: SoftHSMToken
     socket_path: Path
-    proc: subprocess.Popen | None = field(default=None, repr=False)
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -204,19 +205,20 @@ class NetworkHSM:
 
     def kill(self) -> None:
         """The HSM dies: the listener and every per-client child, at once."""
-        if self.proc is None:
+        proc = self.proc
+        if proc is None:
             return
         self._signal(signal.SIGCONT)  # a stopped process group must wake to die promptly
         self._signal(signal.SIGKILL)
         try:
-            self.proc.wait(timeout=10)
+            proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
             pass
         # The per-client children die with the listener; as orphans they are reaped by PID 1,
         # which in a container can take seconds. Dead (zombie) is what matters here.
-        _wait_until(lambda: not live_group_members(self.proc.pid), 5.0)
-        if self.proc.stderr:
-            self.proc.stderr.close()
+        _wait_until(lambda: not live_group_members(proc.pid), 5.0)
+        if proc.stderr:
+            proc.stderr.close()
         self.proc = None
 
     def hang(self) -> None:
@@ -244,13 +246,14 @@ def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
     return True
 
 
-def load_raw_client(address: str, name: str = "raw-client"):
+def load_raw_client(address: str, name: str = "raw-client") -> Any:
     """A plain python-pkcs11 ``lib`` on a p11-kit-client instance of its own (its own socket).
 
     For baselines and wire tests that must bypass hsmfsm. It loads under a
     path of its own, because python-pkcs11 caches per path, with
     ``P11_KIT_SERVER_ADDRESS`` applied under hsmfsm's environment lock,
-    because p11-kit-client reads it at load time (docs/FACTS.md).
+    because p11-kit-client reads it at load time (docs/FACTS.md). Returns a ``pkcs11.lib``
+    (``Any``: python-pkcs11 ships no type information).
     """
     import pkcs11
 

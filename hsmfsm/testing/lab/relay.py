@@ -281,6 +281,7 @@ class _Link:
                 self.pending.append(verdict)
                 _send(self.upstream, frame.encode())
             else:
+                assert verdict.rv is not None  # the relay answers itself only for a matching fault
                 self._delay()
                 self._reply_to_client(frame.as_error(verdict.rv).encode())
 
@@ -653,7 +654,7 @@ class Relay:
     @property
     def connections(self) -> int:
         """Client connections currently open through the relay."""
-        return self._command("connections")
+        return self._count("connections")
 
     @property
     def trace(self) -> list[TraceEntry]:
@@ -698,11 +699,11 @@ class Relay:
         Counts wire requests, not PKCS#11 calls: one python-pkcs11 `sign` is
         one C_SignInit and two C_Sign (the length query, then the real one).
         """
-        return self._command("calls_seen", call=call)
+        return self._count("calls_seen", call=call)
 
     def calls_failed(self, call: str) -> int:
         """Replies of `call` the relay has replaced with an error so far."""
-        return self._command("calls_failed", call=call)
+        return self._count("calls_failed", call=call)
 
     def reset_connections(self) -> int:
         """Break every open client connection (and its upstream) at once, like a network reset.
@@ -710,7 +711,7 @@ class Relay:
         The listener stays up: a client that reconnects (python-pkcs11's
         `reinitialize()`) gets through again. Returns how many were cut.
         """
-        return self._command("reset_connections")
+        return self._count("reset_connections")
 
     # -- talking to the child -------------------------------------------
 
@@ -726,6 +727,13 @@ class Relay:
                 raise RelayError(f"relay on {self.listen_path} is gone "
                                  f"(exit status {self._proc.poll()}): {exc}") from exc
             return self._receive(timeout)
+
+    def _count(self, op: str, **args: object) -> int:
+        """A command whose answer is a count."""
+        reply = self._command(op, 10.0, **args)
+        if not isinstance(reply, int):
+            raise RelayError(f"relay on {self.listen_path}: {op} answered {reply!r}, not a count")
+        return reply
 
     def _receive(self, timeout: float) -> Any:
         reply = json.loads(self._read_line(timeout))
