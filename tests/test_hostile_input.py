@@ -13,8 +13,13 @@ a file they did not write (or broke by hand during an outage):
 Inputs come two ways: (a) structured documents, the shipped policies and pools
 as data with fields set to hostile values, added, deleted or replaced, then
 written with ``yaml.safe_dump`` and also given inline as mappings; (b) the
-shipped files' text mutated byte by byte and line by line. Hypothesis keeps
-failing examples in its database and prints a reproduction blob.
+shipped files' text mutated byte by byte and line by line.
+
+``make test`` runs these derandomized (the "ci" profile of ``conftest.py``:
+the same examples every run, no example database), at the example counts
+below; ``make fuzz`` (``HYPOTHESIS_PROFILE=fuzz``) searches randomly and
+deeper. Hypothesis prints a reproduction blob for a failure; a failing input
+the fuzz finds is kept as an ``@example`` on its test.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ import yaml
 from hsmfsm import Policy, PolicyError
 from hsmfsm.config.policy_file import INLINE, MAX_EXTENDS, MAX_FILE_BYTES, load_policy
 from hsmfsm.config.pool_file import PoolSpec, load_pool
-from hypothesis import HealthCheck, assume, event, given, settings
+from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 
@@ -50,13 +55,21 @@ Loader = Callable[..., Any]
 LOADERS: dict[str, Loader] = {"policy": load_policy, "pool": load_pool}
 RESULTS: dict[str, type] = {"policy": Policy, "pool": PoolSpec}
 
-#: Hypothesis settings for the fuzzing tests: random (not derandomized), our own time limit instead of
-#: Hypothesis' deadline, failures saved in the example database and printed with a reproduction blob.
+#: Hypothesis settings for the fuzzing tests: our own time limit instead of Hypothesis' deadline, and a
+#: reproduction blob on failure. Randomness and the example database are the profile's (conftest.py):
+#: derandomized in ``make test``, random in ``make fuzz``; nothing here overrides them.
 _FUZZ = settings(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow])
 
 
 def fuzz(examples: int) -> settings:
-    return settings(_FUZZ, max_examples=examples)
+    """``examples`` per test in ``make test``; under a profile that asks for more (fuzz), that many."""
+    deeper = settings.default.max_examples
+    return settings(_FUZZ, max_examples=examples if deeper <= 100 else max(examples, deeper))
+
+
+#: Under ``make fuzz`` one test runs thousands of examples for minutes; the 120 s per-test timeout of
+#: ``make test`` (pyproject.toml) is there to catch hangs, which TIME_LIMIT catches per load here.
+pytestmark = [pytest.mark.timeout(1800)] if settings.default.max_examples > 100 else []
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -97,8 +110,15 @@ def timed_load(kind: str, src: Any, **kwargs: Any) -> tuple[Any, float]:
 
     Any other exception propagates and fails the test. A SIGALRM interrupts a
     load that runs past TIME_LIMIT; the alarm pytest-timeout may have set is
-    restored afterwards.
+    restored afterwards. When that alarm is due first, it is left alone, so
+    that the test's own timeout is reported as one, not as a hung load.
     """
+    if 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= TIME_LIMIT:
+        started = time.monotonic()
+        try:
+            return LOADERS[kind](src, **kwargs), time.monotonic() - started
+        except PolicyError as exc:
+            return exc, time.monotonic() - started
     previous = signal.signal(signal.SIGALRM, _alarm)
     outer, _ = signal.setitimer(signal.ITIMER_REAL, TIME_LIMIT)
     started = time.monotonic()
@@ -137,7 +157,7 @@ def assert_located(err: PolicyError, files: set[str]) -> None:
 
 
 #: Labels an error inside a shipped file may carry (a pool's policy, a policy's ``extends``).
-SHIPPED_LABELS = {str(p) for p in (REPO / "hsmfsm" / "policies").glob("*.yaml")}
+SHIPPED_LABELS = {str(p) for p in (REPO / "hsmfsm" / "config" / "shipped").glob("*.yaml")}
 
 
 def check(kind: str, src: Any, files: set[str], **kwargs: Any) -> Any:
@@ -499,12 +519,13 @@ POLICY_FIELDS = ["version", "name", "extends", "connect", "backoff", "initial", 
                  "interval", "operation", "unhealthy_after", "healthy_after", "degraded", "slow_call",
                  "enter_after", "leave_after", "classes", "event", "reissue", "may_have_acted", "codes",
                  "default_class", "transport", "caller", "unknown", "CKR_DEVICE_ERROR", "0x30", "0x80000001",
-                 "CKR_VENDOR_DEFINED+1", "HSMFSM_CALL_TIMEOUT"]
+                 "CKR_VENDOR_DEFINED+1", "HSMFSM_CALL_TIMEOUT", "reactions", "login", "call"]
 POOL_FIELDS = ["pool", "policy", "balance", "recovery", "mode", "members", "module", "env", "token_label", "pin",
                "standby", "audit", "path", "rotate_size", "keep", "fsync", "P11_KIT_SERVER_ADDRESS"]
 ODD_KEYS = ["", " ", "a\nb", "\ufeffversion", "version ", "<<", "x" * 2000, "CKR_DEVICE_ERROR ", "ckr_device_error"]
 WORDS = ["10s", "250ms", "1.5m", "2h", "0s", "-1s", " 3 s ", "1e400s", "999999999999s", "9" * 30 + "s", "unlimited",
          "never", "all", "none", "connection_lost", "session_lost", "fatal", "impaired", "sign", "decrypt",
+         "login_lost", "connect_failed", "probe_failed",
          "session_info", "round_robin", "least_busy", "primary", "background", "in_call", "10MiB", "3KB",
          "default", "network-hsm", "default.yaml", "ha-pool", "../policies/default.yaml", "/dev/null", "/dev/zero",
          "/", ".", "env:HSM_PIN", "env:", "file:/etc/hsm/pin", "123456", "${HSMFSM_RUN}", "${HSMFSM_RUN}/x.sock",
@@ -604,12 +625,23 @@ def _dump(doc: Any) -> str:
     return yaml.safe_dump(doc, sort_keys=False, allow_unicode=False, width=120)
 
 
-@pytest.mark.parametrize("kind", ["policy", "pool"])
-@fuzz(150)
-@given(doc=st.data())
-def test_structured_documents_load_or_fail_located(kind: str, doc: st.DataObject, work: Path) -> None:
+#: Either kind of document, edited, with its kind.
+DOCUMENTS = st.one_of(edited("policy").map(lambda data: ("policy", data)),
+                      edited("pool").map(lambda data: ("pool", data)))
+
+
+def _shipped_with(kind: str, **changes: Any) -> Any:
+    return {**copy.deepcopy(BASES[kind][0]), **changes}
+
+
+@fuzz(300)
+@given(case=DOCUMENTS)
+# Found by the fuzz: a policy that is no file (a device) was blamed on /dev/null:1, not on the line naming it.
+@example(case=("pool", _shipped_with("pool", policy="/dev/null")))
+@example(case=("policy", _shipped_with("policy", extends="/dev/null")))
+def test_structured_documents_load_or_fail_located(case: tuple[str, Any], work: Path) -> None:
     """(a) Edited shipped documents, written with safe_dump and given inline: the same verdict either way."""
-    data = doc.draw(edited(kind), label="document")
+    kind, data = case
     path = folder(work, "structured") / f"{kind}.yaml"
     path.write_text(_dump(data), encoding="utf-8")
     from_file = check(kind, path, {str(path)})

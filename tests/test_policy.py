@@ -18,14 +18,27 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
-from hsmfsm.config.policy_file import SCHEMA_PATH, SHIPPED_DIR, check_files, default_policy, load_policy
+from hsmfsm.config.check import check_files
+from hsmfsm.config.policy_file import SCHEMA_PATH, SHIPPED_DIR, default_policy, load_policy
 from hsmfsm.core.codes import ALL_NAMES, CKR_VENDOR_DEFINED, code_from_name
 from hsmfsm.core.policy import OPERATIONS, CodeClass, PolicyError
+from hsmfsm.core.rules import ALLOWED, Phase, derived_reaction, reaction
 from hsmfsm.core.states import CODE_EVENTS, Event
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def examples(count: int) -> int:
+    """``count`` examples in ``make test`` (the derandomized "ci" profile); as many as a deeper profile asks
+    for under ``make fuzz``. Randomness and the database are left to the profile (conftest.py)."""
+    deeper = settings.default.max_examples
+    return count if deeper <= 100 else max(count, deeper)
+
+
+#: Under ``make fuzz`` a test runs for minutes; ``make test``'s 120 s per-test timeout is for hangs.
+pytestmark = [pytest.mark.timeout(1800)] if settings.default.max_examples > 100 else []
 
 #: A small valid policy. Eight lines: text appended to it starts on line 9.
 MINIMAL = """\
@@ -165,7 +178,7 @@ def _yaml_fields(data: dict, prefix: tuple = ()) -> set[tuple]:
     fields = set()
     for name, value in data.items():
         fields.add(prefix + (name,))
-        if isinstance(value, dict) and name not in ("classes", "codes"):
+        if isinstance(value, dict) and name not in ("classes", "codes") and prefix != ("reactions",):
             fields |= _yaml_fields(value, prefix + (name,))
     return fields
 
@@ -173,7 +186,8 @@ def _yaml_fields(data: dict, prefix: tuple = ()) -> set[tuple]:
 def test_default_yaml_sets_every_field_so_dataclass_defaults_do_not_matter() -> None:
     schema = json.loads(SCHEMA_PATH.read_text())
     raw = yaml.safe_load((SHIPPED_DIR / "default.yaml").read_text())
-    assert _schema_fields(schema) - {("extends",)} == _yaml_fields(raw)
+    # a call follows each class's event: the default writes no call table (see the reactions tests)
+    assert _schema_fields(schema) - {("extends",), ("reactions", "call")} == _yaml_fields(raw)
 
 
 # --------------------------------------------------------------------------- the schema
@@ -300,6 +314,107 @@ def test_a_conflict_is_blamed_on_the_field_the_child_set(tmp_path: Path) -> None
     assert "shorter than operations.call_timeout (5s)" in str(err)
 
 
+# --------------------------------------------------------------------------- reactions
+
+#: The phases the shipped default writes out in full; a call is left to each class's event.
+WRITTEN_PHASES = (Phase.CONNECT, Phase.LOGIN, Phase.PROBE)
+
+
+@pytest.mark.parametrize("name", ["default", "network-hsm"])
+def test_the_shipped_reactions_are_the_derived_ones_written_out(name: str) -> None:
+    """Today's behaviour made explicit: every (connect|login|probe, class) is written, equal to the derivation."""
+    p = load_policy(name)
+    assert set(p.reactions) == {phase.value for phase in WRITTEN_PHASES}  # no call table
+    for phase in WRITTEN_PHASES:
+        written = dict(p.reactions[phase.value])
+        assert set(written) == set(p.classes), phase
+        assert written == {cls: derived_reaction(phase, spec.event).value for cls, spec in p.classes.items()}, phase
+        assert all(r in ALLOWED[phase] for r in written.values()), phase
+    for phase in Phase:  # what the runtime asks: the same as with no reactions at all
+        bare = dataclasses.replace(p, reactions={})
+        assert {c: reaction(p, phase, c) for c in p.classes} == {c: reaction(bare, phase, c) for c in p.classes}
+
+
+def test_the_default_writes_each_reaction_on_its_own_commented_line() -> None:
+    text = (SHIPPED_DIR / "default.yaml").read_text()
+    section = text[text.index("\nreactions:\n"):]
+    assert "call:" not in section.replace("`call:`", "")  # only mentioned in a comment
+    for phase in WRITTEN_PHASES:
+        assert f"\n  {phase.value}:\n" in section, phase
+
+
+def test_reactions_load_as_written(tmp_path: Path) -> None:
+    path = write(tmp_path, MINIMAL + "reactions:\n  connect: {transport: fatal}\n  call:\n    caller: impaired\n"
+                                     "  probe: {}\n")
+    p = load_policy(path)
+    assert {k: dict(v) for k, v in p.reactions.items()} == {"connect": {"transport": "fatal"},
+                                                            "call": {"caller": "impaired"}, "probe": {}}
+    assert reaction(p, Phase.CONNECT, "transport") == "fatal"
+    assert reaction(p, Phase.CALL, "caller") == "impaired"
+    assert reaction(p, Phase.LOGIN, "caller") == derived_reaction(Phase.LOGIN, None)  # not written: derived
+    with pytest.raises(TypeError):
+        p.reactions["connect"]["caller"] = "fatal"  # type: ignore[index]
+
+
+def test_extends_merges_reactions_per_phase_and_per_class(tmp_path: Path) -> None:
+    write(tmp_path, MINIMAL + "reactions:\n  connect: {transport: fatal, caller: connect_failed}\n"
+                              "  probe: {caller: fatal}\n", "base.yaml")
+    child = write(tmp_path, """\
+version: 1
+name: child
+extends: base.yaml
+classes:
+  busy: {event: impaired, reissue: true, may_have_acted: false}
+reactions:
+  connect: {transport: connect_failed}
+  login: {busy: session_lost}
+""", "child.yaml")
+    p = load_policy(child)
+    assert {k: dict(v) for k, v in p.reactions.items()} == {
+        "connect": {"transport": "connect_failed", "caller": "connect_failed"},  # one class overridden
+        "probe": {"caller": "fatal"},  # a phase the child does not name is inherited
+        "login": {"busy": "session_lost"},  # a class the child defines
+    }
+
+
+def test_a_child_may_react_to_a_class_of_its_base(tmp_path: Path) -> None:
+    path = write(tmp_path, "version: 1\nname: c\nextends: default\nreactions:\n  call: {capacity: connection_lost}\n")
+    p = load_policy(path)
+    assert reaction(p, Phase.CALL, "capacity") == "connection_lost"
+    assert dict(p.reactions["probe"]) == dict(load_policy("default").reactions["probe"])
+
+
+def test_an_unknown_class_in_an_inherited_reaction_is_found_in_the_base(tmp_path: Path) -> None:
+    base = write(tmp_path, MINIMAL + "reactions:\n  probe:\n    capacity: probe_failed\n", "base.yaml")
+    child = write(tmp_path, "version: 1\nname: c\nextends: base.yaml\n", "child.yaml")
+    err = error_of(child)
+    assert_located(err, str(base), 11, "reactions.probe.capacity")
+    assert str(err).endswith("unknown class 'capacity' (known: transport, caller)")
+
+
+def test_inline_reactions_errors_are_located() -> None:
+    with pytest.raises(PolicyError) as info:
+        load_policy({"version": 1, "name": "x", "extends": "default",
+                     "reactions": {"login": {"caller": "probe_failed"}}}, source="pool.yaml", line=4)
+    assert str(info.value) == ("pool.yaml:4: reactions.login.caller: 'probe_failed' is not a reaction of the login "
+                               "phase (allowed there: connection_lost, session_lost, fatal)")
+
+
+def test_the_schema_lists_and_documents_every_phase_and_reaction() -> None:
+    schema = json.loads(SCHEMA_PATH.read_text())
+    phases = schema["properties"]["reactions"]["properties"]
+    assert set(phases) == {phase.value for phase in Phase}
+    for phase in Phase:
+        spec = phases[phase.value]
+        assert "derived_reaction" in spec["description"], phase
+        ref = spec["additionalProperties"]["$ref"].rsplit("/", 1)[1]
+        values = schema["$defs"][ref]
+        assert values["enum"] == [r.value for r in ALLOWED[phase]], phase
+        assert len(values["enumDescriptions"]) == len(values["enum"]) and all(values["enumDescriptions"]), phase
+        for r in ALLOWED[phase]:  # each reaction the phase allows is explained in the phase's own words
+            assert f"{r.value}:" in spec["description"], (phase, r)
+
+
 # --------------------------------------------------------------------------- broken policies
 
 BROKEN = [
@@ -350,6 +465,21 @@ BROKEN = [
     ("not a mapping", "- version\n- 1\n", 1, "(policy)", "expected a mapping, got a list"),
     ("empty file", "", 1, "(policy)", "the file is empty"),
     ("control character", MINIMAL + "x: \x01\n", 9, "(file)", "control character #x01"),
+    ("extends a file that is no file", "version: 1\nname: x\nextends: /dev/null\n", 3, "extends",
+     "cannot read '/dev/null' as a policy: it is not a regular file"),
+    ("unknown class in reactions", MINIMAL + "reactions:\n  login:\n    trnasport: connection_lost\n", 11,
+     "reactions.login.trnasport", "unknown class 'trnasport' (did you mean transport? known: transport, caller)"),
+    ("unknown phase", MINIMAL + "reactions:\n  logon:\n    transport: connection_lost\n", 10, "reactions.logon",
+     "unknown phase 'logon' (did you mean login? known: connect, login, probe, call)"),
+    ("reaction not allowed in its phase", MINIMAL + "reactions:\n  connect:\n    transport: connection_lost\n", 11,
+     "reactions.connect.transport",
+     "'connection_lost' is not a reaction of the connect phase (allowed there: connect_failed, fatal)"),
+    ("unknown reaction", MINIMAL + "reactions:\n  probe: {caller: probe_fail}\n", 10, "reactions.probe.caller",
+     "unknown probe reaction 'probe_fail' (did you mean probe_failed? known: connection_lost, session_lost, "
+     "login_lost, fatal, probe_failed)"),
+    ("class name that cannot be one", MINIMAL + "reactions:\n  call:\n    Transport: none\n", 11,
+     "reactions.call.Transport", "'Transport' is not a valid class name"),
+    ("reactions not a mapping", MINIMAL + "reactions: [connect]\n", 9, "reactions", "expected a mapping, got a list"),
 ]
 
 
@@ -420,7 +550,7 @@ def test_an_unknown_bare_name_lists_the_shipped_policies() -> None:
     assert "default" in str(err) and "network-hsm" in str(err)
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(200), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(junk=st.binary(max_size=200), cut=st.integers(min_value=0, max_value=len(MINIMAL)))
 def test_only_policy_errors_escape(tmp_path: Path, junk: bytes, cut: int) -> None:
     """Whatever the bytes, the loader answers with a located PolicyError (or a policy)."""
@@ -485,7 +615,7 @@ def test_check_files_with_nothing_to_check_fails() -> None:
 
 
 def _run_check(*paths: str) -> subprocess.CompletedProcess[str]:
-    code = "import sys; from hsmfsm.config.policy_file import check_files; sys.exit(check_files(sys.argv[1:]))"
+    code = "import sys; from hsmfsm.config.check import check_files; sys.exit(check_files(sys.argv[1:]))"
     return subprocess.run([sys.executable, "-c", code, *paths], capture_output=True, text=True, timeout=60,
                           cwd=REPO)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -18,24 +19,38 @@ from typing import Any
 
 import hsmfsm
 import pytest
+from hsmfsm.config.check import check_any_files
 from hsmfsm.config.policy_file import SCHEMA_PATH, load_policy, shipped_policies
 from hsmfsm.config.pool_file import (
     POOL_SCHEMA_PATH,
     POOLS_DIR,
     MemberSpec,
     PoolSpec,
-    check_any_files,
+    check_pool,
     is_pool_file,
     load_pool,
     pool_schema,
     shipped_pools,
 )
 from hsmfsm.core.policy import PolicyError
+from hsmfsm.core.rules import Phase, reaction
+from hsmfsm.tools import cli
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def examples(count: int) -> int:
+    """``count`` examples in ``make test`` (the derandomized "ci" profile); as many as a deeper profile asks
+    for under ``make fuzz``. Randomness and the database are left to the profile (conftest.py)."""
+    deeper = settings.default.max_examples
+    return count if deeper <= 100 else max(count, deeper)
+
+
+#: Under ``make fuzz`` a test runs for minutes; ``make test``'s 120 s per-test timeout is for hangs.
+pytestmark = [pytest.mark.timeout(1800)] if settings.default.max_examples > 100 else []
 
 #: A good pool; the broken ones below are this text with one change. Line numbers matter.
 GOOD = """\
@@ -312,6 +327,58 @@ def test_a_pool_file_is_not_a_policy(tmp_path: Path) -> None:
     assert str(error_of(path)).startswith(f"{path}:2: policy: {str(tmp_path / 'other.yaml')!r} is a pool file")
 
 
+@pytest.mark.parametrize("given, shown, why", [
+    ("/dev/null", "/dev/null", "it is not a regular file"),  # found by hypothesis: was blamed on /dev/null:1
+    (".", None, "it is a directory"),
+])
+def test_a_policy_that_cannot_be_read_is_the_pool_files_mistake(tmp_path: Path, given: str, shown: str | None,
+                                                                 why: str) -> None:
+    path = write(tmp_path, GOOD.replace("policy: network-hsm", f"policy: {given}"))
+    exc = error_of(path)
+    assert (exc.file, exc.line, exc.field) == (str(path), 2, "policy"), str(exc)
+    assert str(exc) == f"{path}:2: policy: cannot read {shown or str(tmp_path)!r} as a policy: {why}"
+
+
+def test_an_unreadable_policy_named_inline_is_the_pool_files_mistake_too() -> None:
+    base = {"pool": "p", "members": [{"name": "a", "module": "/m.so", "token_label": "t", "pin": "env:P"}]}
+    assert str(error_of({**base, "policy": "/dev/null"}, source="conf.yaml")) == \
+        "conf.yaml:1: policy: cannot read '/dev/null' as a policy: it is not a regular file"
+    inline = {"version": 1, "name": "x", "extends": "/dev/null"}
+    assert str(error_of({**base, "policy": inline}, source="conf.yaml")) == \
+        "conf.yaml:1: policy.extends: cannot read '/dev/null' as a policy: it is not a regular file"
+
+
+def test_an_inline_policy_with_reactions(tmp_path: Path) -> None:
+    text = GOOD.replace("policy: network-hsm\n", textwrap.dedent("""\
+        policy:
+          version: 1
+          name: signer-policy
+          extends: network-hsm
+          reactions:
+            connect: {capacity: fatal}
+            call:
+              caller: impaired
+        """))
+    pool = load_pool(write(tmp_path, text))
+    assert reaction(pool.policy, Phase.CONNECT, "capacity") == "fatal"
+    assert reaction(pool.policy, Phase.CALL, "caller") == "impaired"
+    assert dict(pool.policy.reactions["connect"]) == {**load_policy("network-hsm").reactions["connect"],
+                                                      "capacity": "fatal"}  # merged over the base's table
+    as_mapping = load_pool({"pool": "p", "policy": {"version": 1, "name": "q", "extends": "default",
+                                                    "reactions": {"probe": {"caller": "connection_lost"}}},
+                            "members": [{"name": "a", "module": "/m.so", "token_label": "t", "pin": "env:P"}]})
+    assert reaction(as_mapping.policy, Phase.PROBE, "caller") == "connection_lost"
+
+
+def test_a_mistake_in_inline_reactions_is_located_in_the_pool_file(tmp_path: Path) -> None:
+    text = GOOD.replace("policy: network-hsm\n", "policy:\n  version: 1\n  name: x\n  extends: default\n"
+                                                  "  reactions:\n    login:\n      trnasport: connection_lost\n")
+    path = write(tmp_path, text)
+    assert str(error_of(path)) == (f"{path}:8: policy.reactions.login.trnasport: unknown class 'trnasport' "
+                                   "(did you mean transport? known: transport, session, login, fatal, caller, "
+                                   "capacity, unknown)")
+
+
 def test_alias_bombs_and_odd_tags_end_as_errors(tmp_path: Path) -> None:
     rows = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"] + \
         [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
@@ -339,7 +406,7 @@ _VALUES = st.recursive(
 )
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=examples(300), deadline=None)
 @given(st.dictionaries(_WORDS, _VALUES, max_size=6), st.data())
 def test_fuzzed_mappings_load_or_raise_policy_error(data: dict[str, Any], draw: st.DataObject) -> None:
     base = {"pool": "p", "members": [{"name": "a", "module": "/m.so", "token_label": "t", "pin": "env:P"}]}
@@ -350,7 +417,7 @@ def test_fuzzed_mappings_load_or_raise_policy_error(data: dict[str, Any], draw: 
             pass
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.integers(0, len(GOOD)), st.integers(0, 20), st.text(alphabet="\n :-[]{}&*!'\"$#ab0\t|>%@`,?\x00",
                                                                max_size=6))
 def test_fuzzed_files_load_or_raise_policy_error(tmp_path: Path, start: int, length: int, insert: str) -> None:
@@ -427,7 +494,7 @@ def test_check_any_files_reports_policies_and_pools(mix: list[str]) -> None:
 
 def test_check_any_files_in_a_subprocess_never_prints_a_traceback(mix: list[str], tmp_path: Path) -> None:
     junk = write(tmp_path, "pool: [\x01", "junk.yaml")
-    code = "import sys; from hsmfsm.config.pool_file import check_any_files; sys.exit(check_any_files(sys.argv[1:]))"
+    code = "import sys; from hsmfsm.config.check import check_any_files; sys.exit(check_any_files(sys.argv[1:]))"
     run = subprocess.run([sys.executable, "-c", code, *mix, str(junk), str(tmp_path / "missing.yaml")],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2
@@ -442,3 +509,113 @@ def test_a_shipped_pool_named_as_the_policy_is_refused_clearly(tmp_path: Path) -
     exc = error_of(path)
     assert (exc.field, str(exc).split(": ", 2)[-1]) == (
         "policy", "'ha-pool' is a shipped pool, not a policy (shipped policies: default, network-hsm)")
+
+
+# --------------------------------------------------------------------------- hsmfsm check: unset variables
+
+
+def _warning(path: Path, line: int, field: str, name: str) -> str:
+    return f"{path}:{line}: {field}: warning: environment variable {name} is not set (used as ${{{name}}})"
+
+
+def test_check_pool_keeps_an_unset_reference_and_warns(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HSMFSM_RUN")
+    monkeypatch.setenv("LIBDIR", "/opt/lib")
+    text = GOOD.replace("module: /usr/lib/p11-kit-client.so\n    token", "module: ${LIBDIR}/${NOPE}.so\n    token")
+    path = write(tmp_path, text + "audit: {path: '${LOGS}/t.jsonl'}\n")
+    spec, warnings = check_pool(path)
+    assert spec.members[0].env["P11_KIT_SERVER_ADDRESS"] == "unix:path=${HSMFSM_RUN}/hsm-a.sock"  # as written
+    assert spec.members[1].module == "/opt/lib/${NOPE}.so"  # a set variable is still expanded
+    assert [str(w) for w in warnings] == [
+        _warning(path, 11, "members[0].env.P11_KIT_SERVER_ADDRESS", "HSMFSM_RUN"),
+        _warning(path, 15, "members[1].module", "NOPE"),
+        _warning(path, 18, "audit.path", "LOGS"),
+    ]
+    exc = error_of(path)  # loading it for real still fails, at the first one
+    assert str(exc) == (f"{path}:11: members[0].env.P11_KIT_SERVER_ADDRESS: environment variable HSMFSM_RUN is "
+                        "not set (used as ${HSMFSM_RUN})")
+
+
+def test_check_pool_reports_errors_as_load_pool_does(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HSMFSM_RUN")
+    path = write(tmp_path, GOOD.replace("name: hsm-b", "name: hsm-a"))
+    with pytest.raises(PolicyError) as info:
+        check_pool(path)
+    assert str(info.value).startswith(f"{path}:14: members[1].name: duplicate member name 'hsm-a'")
+    monkeypatch.setenv("EMPTY", "")
+    text = GOOD.replace("module: /usr/lib/p11-kit-client.so\n    token", "module: ${EMPTY}\n    token")
+    empty = write(tmp_path, text, "empty.yaml")
+    with pytest.raises(PolicyError) as info:
+        check_pool(empty)
+    assert str(info.value) == f"{empty}:15: members[1].module: '${{EMPTY}}' is empty once expanded"
+
+
+def test_check_warns_about_an_unset_variable_and_passes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HSMFSM_RUN")
+    path = write(tmp_path, GOOD)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_any_files([str(path)], out=out, err=err) == 0
+    assert err.getvalue().splitlines() == [_warning(path, 11, "members[0].env.P11_KIT_SERVER_ADDRESS", "HSMFSM_RUN")]
+    assert out.getvalue().splitlines() == [f"OK {path} (pool signer, 2 members; 1 warning)"]
+
+
+def test_check_strict_makes_an_unset_variable_an_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("HSMFSM_RUN")
+    path = write(tmp_path, GOOD)
+    out, err = io.StringIO(), io.StringIO()
+    assert check_any_files([str(path), str(REPO / "policies" / "default.yaml")], out=out, err=err, strict=True) == 2
+    assert err.getvalue().splitlines() == [
+        f"{path}:11: members[0].env.P11_KIT_SERVER_ADDRESS: environment variable HSMFSM_RUN is not set "
+        "(used as ${HSMFSM_RUN})"]
+    assert out.getvalue().splitlines() == [f"OK {REPO / 'policies' / 'default.yaml'} (policy default)"]
+    monkeypatch.setenv("HSMFSM_RUN", "/run/x")  # set: strict passes, with nothing on stderr
+    out, err = io.StringIO(), io.StringIO()
+    assert check_any_files([str(path)], out=out, err=err, strict=True) == 0
+    assert (out.getvalue(), err.getvalue()) == (f"OK {path} (pool signer, 2 members)\n", "")
+
+
+def test_the_shipped_pools_check_without_their_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `make check` runs: every shipped file, HSMFSM_RUN unset, passes with a warning per socket."""
+    monkeypatch.delenv("HSMFSM_RUN")
+    paths = sorted(str(p) for p in (REPO / "policies").glob("*.yaml"))
+    out, err = io.StringIO(), io.StringIO()
+    assert check_any_files(paths, out=out, err=err) == 0, err.getvalue()
+    expected = []
+    for path in paths:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        expected += [_warning(Path(path), number, f"members[{index}].env.P11_KIT_SERVER_ADDRESS", "HSMFSM_RUN")
+                     for index, number in enumerate(n for n, line in enumerate(lines, 1) if "${HSMFSM_RUN}" in line)]
+    assert err.getvalue().splitlines() == expected and len(expected) == 4
+    assert len(out.getvalue().splitlines()) == len(paths)
+    assert f"OK {REPO / 'policies' / 'ha-pool.yaml'} (pool signer, 2 members; 2 warnings)" in out.getvalue()
+    assert check_any_files(paths, out=io.StringIO(), err=io.StringIO(), strict=True) == 2
+
+
+def test_the_check_command_has_strict(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.delenv("HSMFSM_RUN")
+    path = write(tmp_path, GOOD)
+    assert cli.main(["check", str(path)]) == 0
+    captured = capsys.readouterr()
+    assert (captured.out, captured.err) == (f"OK {path} (pool signer, 2 members; 1 warning)\n",
+                                            _warning(path, 11, "members[0].env.P11_KIT_SERVER_ADDRESS",
+                                                     "HSMFSM_RUN") + "\n")
+    assert cli.main(["check", "--strict", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "warning" not in captured.err
+    assert captured.err.startswith(f"{path}:11: members[0].env.P11_KIT_SERVER_ADDRESS: environment variable")
+
+
+def test_make_check_passes_without_hsmfsm_run() -> None:
+    """`make check`: `hsmfsm check policies/*.yaml` in a shell with no HSMFSM_RUN."""
+    env = {k: v for k, v in os.environ.items() if k != "HSMFSM_RUN"}
+    paths = sorted(str(p.relative_to(REPO)) for p in (REPO / "policies").glob("*.yaml"))
+    run = subprocess.run([sys.executable, "-m", "hsmfsm", "check", *paths], capture_output=True, text=True,
+                         timeout=60, cwd=REPO, env=env)
+    assert run.returncode == 0, run.stderr
+    assert "Traceback" not in run.stdout + run.stderr
+    assert run.stdout.count("OK ") == len(paths)
+    assert run.stderr.count(": warning: environment variable HSMFSM_RUN is not set") == 4, run.stderr
+    strict = subprocess.run([sys.executable, "-m", "hsmfsm", "check", "--strict", *paths], capture_output=True,
+                            text=True, timeout=60, cwd=REPO, env=env)
+    assert strict.returncode == 2 and "warning" not in strict.stderr, strict.stderr

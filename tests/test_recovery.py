@@ -141,7 +141,6 @@ def test_gives_up_at_max_attempts_and_stays_given_up() -> None:
     assert (s.attempts, s.next_at, s.gave_up) == (3, None, True)
     assert s.failed(3.0) is None
     assert s.attempts == 3  # giving up again counts nothing
-    s.kick(4.0)  # the HSM answering does not revive a failed connection
     assert not s.due(4.0) and not s.due(1e9)
 
 
@@ -180,27 +179,6 @@ def test_reset_revives_a_schedule_that_gave_up() -> None:
     s.reset()
     assert (s.attempts, s.gave_up) == (0, False)
     assert s.due(0.0)
-
-
-def test_kick_makes_due_now_but_keeps_the_count() -> None:
-    s = schedule(max_attempts=5)
-    s.failed(0.0)
-    s.failed(0.0)
-    assert not s.due(0.1)
-    s.kick(0.1)
-    assert s.due(0.1)
-    assert (s.attempts, s.next_at) == (2, 0.1)
-    assert s.failed(0.1) == pytest.approx(0.5)  # third failure: 0.4, not the initial 0.1
-
-
-def test_kick_never_postpones() -> None:
-    s = schedule()
-    s.failed(0.0)  # due at 0.1
-    s.kick(7.0)
-    assert s.next_at == pytest.approx(0.1)
-    fresh = schedule()
-    fresh.kick(7.0)
-    assert fresh.next_at is None and fresh.due(0.0)
 
 
 # --------------------------------------------------------------------------- HealthTracker

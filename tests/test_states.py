@@ -7,11 +7,12 @@ import re
 from collections import deque
 
 import pytest
-from hsmfsm.core.policy import Backoff, ConnectPolicy, DegradedPolicy, ProbePolicy
-from hsmfsm.core.recovery import HealthTracker, ReconnectSchedule, Verdict
+from hsmfsm import HSMError, SlotConnection, load_policy
+from hsmfsm.core import rules
+from hsmfsm.core.codes import CALL_TIMEOUT, code_from_name
+from hsmfsm.core.policy import Policy
 from hsmfsm.core.states import (
     INITIAL,
-    SERVING,
     TERMINAL,
     TRANSITIONS,
     Event,
@@ -21,9 +22,10 @@ from hsmfsm.core.states import (
     machine_definition,
     next_state,
 )
-from hypothesis import assume, settings
+from hsmfsm.testing import ScriptedHSM, ScriptedModule, VirtualClock
+from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 S, E = State, Event
 
@@ -129,182 +131,116 @@ def test_machine_definition_has_no_auto_transitions() -> None:
     assert not [s for s in State if hasattr(m, f"to_{s.value}")]
 
 
-# --------------------------------------------------------------------------- (c) stateful: machine + recovery
+# --------------------------------------------------------------------------- (c) stateful: the production code
 
 
-class Recovery(RuleBasedStateMachine):
-    """A SlotMachine run by a toy supervisor with a ReconnectSchedule and a HealthTracker.
+def _events_the_rule_book_allows(policy: Policy, code_name: str | None) -> set[Event]:
+    """Every event the rule-book lets a record with this code carry, in any phase."""
+    if code_name is None:  # the supervisor's steps, the application, slow calls, healthy streaks
+        return {E.CONNECT, E.SESSION_OPENED, E.CLOSE, E.RESET, E.FORKED, E.HEALTHY, E.IMPAIRED, E.FATAL}
+    if code_name == CALL_TIMEOUT.name:
+        allowed = {E.CALL_TIMEOUT}
+    else:
+        allowed = set()
+    code = code_from_name(code_name)
+    klass = policy.codes.get(code.name, policy.default_class)
+    for phase in rules.Phase:
+        react = rules.reaction(policy, phase, klass)
+        allowed |= set(rules.COUNT_EVENTS.get(react, ()))
+        if react in rules.REACTION_EVENT:
+            allowed.add(rules.REACTION_EVENT[react])
+    if code.value in rules.LOGIN_OK_VALUES:
+        allowed.add(E.LOGIN_OK)
+    allowed.add(E.GIVE_UP)  # carries the last attempt's code
+    return allowed
 
-    ``model`` is the state computed from :data:`TRANSITIONS` alone; random
-    events (legal or not) are fired besides the supervisor's own steps. The
-    supervisor follows the recovery contract: it records connect failures,
-    gives up when the schedule says so, resets the schedule on login and on
-    ``reset``, resets the tracker on every login, and fires verdict events.
+
+class ProductionRecovery(RuleBasedStateMachine):
+    """The production SlotConnection, supervisor, watchdog and rule-book, under random faults.
+
+    The HSM is a :class:`ScriptedHSM` on a :class:`VirtualClock`: hypothesis drives
+    faults, time and calls; nothing here re-implements the supervisor. Checked:
+    every record is a row of the table and carries an event the rule-book gives
+    its code in some phase; a wrong PIN is tried once until reset; and once the
+    faults stop, the connection always comes back and signs.
     """
 
-    @initialize(
-        backoff=st.builds(
-            Backoff,
-            initial=st.floats(0.0, 2.0),
-            multiplier=st.floats(1.0, 4.0),
-            max=st.floats(0.0, 10.0),
-            jitter=st.floats(0.0, 1.0),
-        ),
-        max_attempts=st.none() | st.integers(1, 4),
-        enter=st.integers(1, 3),
-        leave=st.integers(1, 3),
-        healthy=st.integers(1, 3),
-        unhealthy=st.integers(1, 4),
-    )
-    def setup(
-        self, backoff: Backoff, max_attempts: int | None, enter: int, leave: int, healthy: int, unhealthy: int
-    ) -> None:
-        self.now = 0.0
-        self.rand = 0.5
-        self.backoff = backoff
-        self.machine = SlotMachine("m")
-        self.model = INITIAL
-        self.schedule = ReconnectSchedule(ConnectPolicy(backoff, max_attempts), lambda: self.rand)
-        self.max_attempts = max_attempts
-        self.tracker = HealthTracker(
-            DegradedPolicy(slow_call=1.0, enter_after=enter, leave_after=leave),
-            ProbePolicy(unhealthy_after=unhealthy, healthy_after=healthy),
-        )
-        self.last_health: Verdict | None = None  # last IMPAIRED/HEALTHY since the tracker's reset
-        self.gave_up = False  # give_up fired and no reset since
+    def __init__(self) -> None:
+        super().__init__()
+        self.clock = VirtualClock(seed=7)
+        self.hsm = ScriptedHSM(label="tok", pin="1234")
+        self.pin = "1234"
+        self.policy = load_policy("network-hsm")
+        self.records: list = []
+        self.conn = SlotConnection(ScriptedModule(self.hsm, self.clock, name="m"), "tok", lambda: self.pin,
+                                   self.policy, name="m", clock=self.clock)
+        self.conn.add_listener(self.records.append)
+        self.wrong_logins = 0
+        self.conn.open(wait=5.0)
 
-    # -- firing, checked against the model
+    @rule(kind=st.sampled_from(["down", "up", "hang", "resume", "restart", "logout_all"]))
+    def fault(self, kind: str) -> None:
+        getattr(self.hsm, kind)()
 
-    def fire(self, event: Event) -> bool:
-        """Fire ``event``; check it against the table; apply the supervisor's side effects."""
-        before = self.model
-        legal = (before, event) in TRANSITIONS
-        if not legal:
-            with pytest.raises(IllegalTransition):
-                self.machine.fire(event)
-            assert self.machine.current == before
-            return False
-        assert not self.gave_up or event == E.RESET, "failed left by something other than reset"
-        self.model = TRANSITIONS[(before, event)]
-        assert self.machine.fire(event) == (before, self.model)
-        if event == E.GIVE_UP:
-            self.gave_up = True
-        elif event == E.RESET:
-            self.gave_up = False
-            self.schedule.reset()
-        if before not in SERVING and self.model in SERVING:  # a new login
-            self.schedule.succeeded()
-            self.tracker.reset()
-            self.last_health = None
-        return True
+    @rule(function=st.sampled_from(["sign", "open_session", "login", "session_state", "initialize", "find_token",
+                                    "find_key"]),
+          code=st.sampled_from(["CKR_DEVICE_ERROR", "CKR_SESSION_HANDLE_INVALID", "CKR_USER_NOT_LOGGED_IN",
+                                "CKR_DEVICE_MEMORY", "CKR_GENERAL_ERROR", "CKR_TOKEN_NOT_PRESENT",
+                                "CKR_OPERATION_ACTIVE", "CKR_VENDOR_DEFINED+0x7"]),
+          times=st.integers(1, 3))
+    def fail(self, function: str, code: str, times: int) -> None:
+        self.hsm.fail(function, code, times)
 
-    @rule(event=st.sampled_from(Event))
-    def random_event(self, event: Event) -> None:
-        # While serving, the tracker owns impaired/healthy; elsewhere they are illegal and worth firing.
-        assume(not (event in (E.IMPAIRED, E.HEALTHY) and self.model in SERVING))
-        self.fire(event)
-
-    @rule(dt=st.floats(0.0, 20.0))
+    @rule(dt=st.sampled_from([0.01, 0.1, 0.5, 2.0, 10.0]))
     def advance(self, dt: float) -> None:
-        self.now += dt
-
-    # -- the supervisor's connect loop
-
-    @precondition(lambda self: self.model == S.DISCONNECTED)
-    @rule()
-    def connect_when_due(self) -> None:
-        if self.schedule.due(self.now):
-            assert self.fire(E.CONNECT)
-        else:
-            assert self.schedule.next_at is not None and self.now < self.schedule.next_at
-
-    @precondition(lambda self: self.model == S.CONNECTING)
-    @rule(rand=st.floats(0.0, 1.0, exclude_max=True))
-    def attempt_fails(self, rand: float) -> None:
-        self.rand = rand
-        attempts = self.schedule.attempts
-        at = self.schedule.failed(self.now)
-        assert self.schedule.attempts == attempts + 1
-        assert (at is None) == (self.schedule.attempts == self.max_attempts)  # gives up exactly at the limit
-        if at is None:
-            assert self.fire(E.GIVE_UP)
-            assert self.machine.current == S.FAILED
-        else:
-            assert self.now <= at <= self.now + self.backoff.max * (1 + self.backoff.jitter)
-            assert self.schedule.next_at == at
-            assert self.fire(E.CONNECT_FAILED)
-
-    @precondition(lambda self: self.model in (S.CONNECTING, S.OPEN))
-    @rule()
-    def attempt_progresses(self) -> None:
-        assert self.fire(E.SESSION_OPENED if self.model == S.CONNECTING else E.LOGIN_OK)
+        self.clock.sleep(dt)
 
     @rule()
-    def kick(self) -> None:
-        attempts, gave_up = self.schedule.attempts, self.schedule.gave_up
-        self.schedule.kick(self.now)
-        assert self.schedule.attempts == attempts
-        assert self.schedule.due(self.now) == (not gave_up)
+    def sign(self) -> None:
+        try:
+            signature = self.conn.sign("rsa", b"data", "SHA256_RSA_PKCS")
+        except HSMError:
+            return
+        assert self.hsm.verify_signature("rsa", b"data", signature, "SHA256_RSA_PKCS")
 
-    # -- health observations, only while serving
-
-    def observe(self, verdict: Verdict) -> None:
-        if verdict is Verdict.HEALTHY:
-            assert self.last_health is Verdict.IMPAIRED, "HEALTHY twice without IMPAIRED in between"
-            self.last_health = verdict
-            assert self.fire(E.HEALTHY)
-        elif verdict is Verdict.IMPAIRED:
-            assert self.last_health is not Verdict.IMPAIRED, "IMPAIRED reported twice in a row"
-            self.last_health = verdict
-            assert self.fire(E.IMPAIRED)
-        elif verdict is Verdict.UNHEALTHY:
-            assert self.fire(E.CONNECTION_LOST)
-
-    @precondition(lambda self: self.model in SERVING)
-    @rule(duration=st.sampled_from([0.0, 0.5, 1.0, 1.5, 10.0]))
-    def call_ok(self, duration: float) -> None:
-        self.observe(self.tracker.call_ok(duration))
-
-    @precondition(lambda self: self.model in SERVING)
     @rule()
-    def call_impaired(self) -> None:
-        self.observe(self.tracker.call_impaired())
+    def break_the_pin(self) -> None:
+        self.pin = "0000"
 
-    @precondition(lambda self: self.model in SERVING)
+    @precondition(lambda self: self.conn.state is S.FAILED)
     @rule()
-    def probe_ok(self) -> None:
-        self.observe(self.tracker.probe_ok())
-
-    @precondition(lambda self: self.model in SERVING)
-    @rule()
-    def probe_failed(self) -> None:
-        self.observe(self.tracker.probe_failed())
-
-    # -- invariants
+    def fix_the_pin_and_reset(self) -> None:
+        self.pin = "1234"
+        self.conn.reset()
 
     @invariant()
-    def machine_matches_model(self) -> None:
-        assert self.machine.current == self.model
+    def records_follow_the_table_and_the_rule_book(self) -> None:
+        for r in self.records:
+            assert TRANSITIONS[(r.source, r.event)] == r.dest, r
+            assert r.event in _events_the_rule_book_allows(self.policy, r.code_name), r
 
     @invariant()
-    def given_up_means_failed(self) -> None:
-        if self.gave_up:
-            assert self.model == S.FAILED
-        if self.schedule.gave_up:
-            assert self.model == S.FAILED
-            assert not self.schedule.due(self.now)
+    def a_wrong_pin_is_tried_once(self) -> None:
+        rejected = [c for c in self.hsm.calls if c.function == "login" and c.outcome == "CKR_PIN_INCORRECT"]
+        resets = sum(1 for r in self.records if r.event is E.RESET)
+        assert len(rejected) <= resets + 1, (len(rejected), resets)
 
-    @invariant()
-    def tracker_agrees_with_degraded(self) -> None:
-        if self.model in SERVING:
-            assert self.tracker.impaired == (self.model == S.DEGRADED)
+    def teardown(self) -> None:
+        try:
+            self.hsm.clear_faults()
+            self.hsm.resume()
+            self.hsm.up()
+            self.pin = "1234"
+            if self.conn.state is S.FAILED:
+                self.conn.reset()
+            self.clock.sleep(30.0)
+            assert self.conn.state is S.LOGGED_IN, self.records[-5:]
+            assert self.hsm.verify_signature("rsa", b"end", self.conn.sign("rsa", b"end", "SHA256_RSA_PKCS"),
+                                             "SHA256_RSA_PKCS")
+            self.conn.close()
+        finally:
+            self.clock.close()
 
-    @invariant()
-    def next_at_within_one_backoff(self) -> None:
-        at = self.schedule.next_at
-        if at is not None:
-            assert at <= self.now + self.backoff.max * (1 + self.backoff.jitter)
 
-
-Recovery.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
-TestRecovery = Recovery.TestCase
+ProductionRecovery.TestCase.settings = settings(max_examples=30, stateful_step_count=30, deadline=None)
+TestProductionRecovery = ProductionRecovery.TestCase

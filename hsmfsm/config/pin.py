@@ -11,9 +11,8 @@ from __future__ import annotations
 import os
 import stat
 from collections.abc import Callable
-from typing import Union
 
-PinSpec = Union[str, Callable[[], str]]
+PinSpec = str | Callable[[], str]
 
 
 class PinError(ValueError):

@@ -13,6 +13,7 @@ All durations are in seconds (floats). ``None`` for ``max_attempts`` means
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -165,3 +166,17 @@ class Policy:
 
     def is_idempotent(self, operation: str) -> bool:
         return operation in self.operations.idempotent
+
+
+def member_policy(policy: Policy, mode: str, interval: float, max_attempts: int | None) -> Policy:
+    """The policy each member of an HA pool runs: the pool's recovery written into its connect policy.
+
+    Background: the member retries every ``interval`` seconds (no growth, small jitter),
+    ``max_attempts`` times. In-call: the member retries only when the pool asks (inside a
+    call, at most every ``interval``), and its own schedule counts the ``max_attempts``, so
+    that giving up is on the member's machine and record in both modes.
+    """
+    backoff = Backoff(initial=interval, multiplier=1.0, max=interval, jitter=min(0.1, policy.connect.backoff.jitter))
+    connect = dataclasses.replace(policy.connect, backoff=backoff,
+                                  max_attempts=max_attempts)
+    return dataclasses.replace(policy, connect=connect)

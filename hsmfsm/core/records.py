@@ -13,14 +13,19 @@ from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from .states import Event, State
+
 
 @dataclass(frozen=True, slots=True)
 class TransitionRecord:
+    """One state change. ``source``, ``dest`` and ``event`` are :class:`State` and :class:`Event`
+    values, which compare equal to their names as strings (and serialise as them)."""
+
     time: float  # UNIX time (UTC)
     member: str
-    source: str
-    dest: str
-    event: str
+    source: State
+    dest: State
+    event: Event
     code_name: str | None
     code_value: int | None
     attempt: int
@@ -33,6 +38,7 @@ class TransitionRecord:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["time"] = self.iso_time
+        d["source"], d["dest"], d["event"] = str(self.source), str(self.dest), str(self.event)
         return d
 
     def __str__(self) -> str:

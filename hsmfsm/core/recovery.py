@@ -60,7 +60,9 @@ class ReconnectSchedule:
     def __init__(self, policy: ConnectPolicy, rand: Callable[[], float]) -> None:
         self._policy = policy
         self._rand = rand
-        self.reset()
+        self._attempts = 0
+        self._next_at: float | None = None
+        self._gave_up = False
 
     @property
     def attempts(self) -> int:
@@ -115,19 +117,6 @@ class ReconnectSchedule:
         self._next_at = None
         self._gave_up = False
 
-    def kick(self, now: float) -> None:
-        """Make the next attempt due at ``now``: a caller or the probe saw the HSM answer.
-
-        Waiting out the back-off would only delay recovery once the HSM is
-        seen to be back. The attempt count is kept, though: a kick is a hint,
-        not a success, and a flapping HSM that answers the probe but fails
-        every login must still run out of ``max_attempts`` instead of being
-        retried at full speed for ever. A schedule that gave up is not revived:
-        ``failed`` is left only by an explicit reset.
-        """
-        if not self._gave_up and self._next_at is not None and self._next_at > now:
-            self._next_at = now
-
 
 class Verdict(StrEnum):
     """What a :class:`HealthTracker` observation asks the caller to do."""
@@ -153,9 +142,9 @@ class HealthTracker:
 
     Rules:
 
-    - ``degraded.enter_after`` consecutive impaired calls or failed probes
-      (a call slower than ``degraded.slow_call``, or failing with a code whose
-      class fires ``impaired``) -> ``IMPAIRED``.
+    - ``degraded.enter_after`` consecutive impaired calls or probes, or failed
+      probes (a call or probe slower than ``degraded.slow_call``, or a call
+      failing with a code whose class fires ``impaired``) -> ``IMPAIRED``.
     - while impaired, ``degraded.leave_after`` consecutive healthy calls, or
       ``probe.healthy_after`` consecutive healthy probes -> ``HEALTHY``. The
       two streaks are counted apart (a probe is not a call) and a success of
@@ -230,6 +219,15 @@ class HealthTracker:
             return Verdict.NONE
         self._good_probes += 1
         return self._healthy_if(self._good_probes >= self._probe_healthy)
+
+    def probe_slow(self) -> Verdict:
+        """The probe succeeded, but slower than ``degraded.slow_call``: an impaired observation
+        (towards ``degraded``), not a failed probe (it does not count towards ``UNHEALTHY``).
+
+        Without this, a uniformly slow HSM would never become degraded: each probe's
+        success would break the streak of slow calls between two probes.
+        """
+        return self._impaired_observed()
 
     def probe_failed(self) -> Verdict:
         """The health probe failed: impaired, and one step towards ``UNHEALTHY``."""

@@ -39,7 +39,7 @@ from .codes import CALL_TIMEOUT, CKR, Code
 from .errors import CallTimeout, HSMError, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
 from .policy import CodeClass, Policy
 from .recovery import Verdict
-from .states import SERVING, TRANSITIONS, Event, State
+from .states import TRANSITIONS, Event, State
 
 
 class Phase(StrEnum):
@@ -72,12 +72,15 @@ ALLOWED: dict[Phase, tuple[Reaction, ...]] = {
                   Reaction.PROBE_FAILED),
 }
 
-#: The states in which each phase runs: where its edges start in the diagrams.
+#: The states in which each phase's answer can arrive: where its edges start in the diagrams.
+#: A call or a probe starts while serving, but can answer after another thread's
+#: ``login_lost`` moved the connection to ``open`` (which keeps the generation, so the
+#: answer still counts): their reactions start from ``open`` too.
 PHASE_STATES: dict[Phase, tuple[State, ...]] = {
-    Phase.CALL: tuple(s for s in State if s in SERVING),
+    Phase.CALL: (State.OPEN, State.LOGGED_IN, State.DEGRADED),
     Phase.CONNECT: (State.CONNECTING,),
     Phase.LOGIN: (State.OPEN,),
-    Phase.PROBE: tuple(s for s in State if s in SERVING),
+    Phase.PROBE: (State.OPEN, State.LOGGED_IN, State.DEGRADED),
 }
 
 #: The event each reaction fires directly (counts fire later, when a threshold is crossed).
@@ -318,48 +321,82 @@ def reaction_table(policy: Policy) -> list[ReactionRow]:
 
 @dataclass(frozen=True, slots=True)
 class Edge:
-    """A transition the runtime can take under a policy, and why (phase and classes, or a step)."""
+    """A transition the runtime can take under a policy, and why: a phase and the classes whose
+    codes fire it there, or (``phase`` None, ``classes`` empty) a step no return code drives,
+    described in :data:`STEPS`."""
 
     source: State
     event: Event
     dest: State
-    phase: Phase | None  # None: not driven by a code (the supervisor's own steps, the application)
-    classes: tuple[str, ...]
+    phase: Phase | None  # None: not driven by a code (the supervisor's own steps, the watchdog, the application)
+    classes: tuple[str, ...]  # sorted; for a counted event, the classes whose codes are counted
 
 
-#: Transitions not driven by a return code, with what drives them.
-STEPS: dict[Event, str] = {
-    Event.CONNECT: "supervisor: a connect attempt is due",
-    Event.SESSION_OPENED: "connect: the anchor session is open",
-    Event.LOGIN_OK: "login: C_Login answered CKR_OK or CKR_USER_ALREADY_LOGGED_IN",
-    Event.GIVE_UP: "connect: connect.max_attempts failed attempts in a row",
-    Event.CALL_TIMEOUT: "watchdog: a call overran operations.call_timeout",
-    Event.IMPAIRED: "degraded.enter_after slow (> degraded.slow_call) or impaired calls or failed probes",
-    Event.HEALTHY: "degraded.leave_after healthy calls or probe.healthy_after healthy probes",
-    Event.CONNECTION_LOST: "probe: probe.unhealthy_after failed probes in a row",
-    Event.CLOSE: "the application closes the connection",
-    Event.RESET: "a person resets the connection",
-    Event.FORKED: "the process forked: the child abandons what it inherited",
+#: The transitions no return code drives, (source, event) -> what drives them. The events
+#: that a count of codes fires (``give_up``, ``impaired`` from impaired calls and failed
+#: probes, ``connection_lost`` at ``probe.unhealthy_after``) are code-driven edges of the
+#: phase whose codes are counted, not steps: :func:`edges` draws each once.
+STEPS: dict[tuple[State, Event], str] = {
+    (State.DISCONNECTED, Event.CONNECT): "supervisor: a connect attempt is due",
+    (State.CONNECTING, Event.SESSION_OPENED): "connect: the token is found and the anchor session is open",
+    (State.CONNECTING, Event.FATAL): "connect: the module cannot be used (missing, or its layout refused)",
+    (State.OPEN, Event.LOGIN_OK): "login: C_Login answered CKR_OK or CKR_USER_ALREADY_LOGGED_IN",
+    (State.OPEN, Event.FATAL): "login: the PIN cannot be read from its source",
+    (State.LOGGED_IN, Event.IMPAIRED): "call: a slow call (> degraded.slow_call) makes degraded.enter_after "
+                                       "impaired calls or failed probes in a row",
+    (State.DEGRADED, Event.HEALTHY): "degraded.leave_after healthy calls or probe.healthy_after healthy probes",
+    # Wherever the table allows them: the watchdog (any live state) and the application.
+    **{(source, event): why for event, why in {
+        Event.CALL_TIMEOUT: "watchdog: a call overran operations.call_timeout",
+        Event.CLOSE: "the application closes the connection",
+        Event.RESET: "a person resets the connection",
+        Event.FORKED: "the process forked: the child abandons what it inherited",
+    }.items() for source in State if (source, event) in TRANSITIONS},
 }
 
 
-def edges(policy: Policy) -> Iterator[Edge]:
-    """Every transition the runtime can take under ``policy``: code-driven ones per phase
-    (grouped by event, listing the classes), then the steps. Nothing the code cannot do."""
-    seen: set[tuple[State, Event, Phase | None]] = set()
-    grouped: dict[tuple[Phase, Event], list[str]] = {}
+def edges(policy: Policy, *, probe: bool = True) -> Iterator[Edge]:
+    """Every transition the runtime can take under ``policy``, each once; nothing it cannot take.
+
+    First the code-driven edges, in phase, event and source order: one per (source, event,
+    phase), for every (phase, class) reaction whose class has codes (the default class always
+    has), from each state where the phase runs (:data:`PHASE_STATES`) that accepts the event,
+    listing the classes. Counted reactions count: ``impaired`` only enters ``degraded`` (the
+    health tracker reports it once, when the count is crossed, so never ``degraded`` to
+    itself); ``give_up`` only with ``connect.max_attempts`` set; ``connect_failed`` only
+    when more than one attempt is allowed; ``impaired`` from probes only when
+    ``probe.unhealthy_after`` leaves room for it. Then the steps of :data:`STEPS`.
+
+    ``probe``: the connection runs the health probe (a pool member with in-call recovery does not).
+    """
+    # (phase, event) pairs a reaction names but the counts never produce under this policy.
+    impossible: set[tuple[Phase, Event]] = set()
+    limit = policy.connect.max_attempts
+    if limit is None:  # the reconnect schedule never gives up
+        impossible.add((Phase.CONNECT, Event.GIVE_UP))
+    elif limit == 1:  # the first failed attempt is the last: give_up, never connect_failed
+        impossible.add((Phase.CONNECT, Event.CONNECT_FAILED))
+    if policy.probe.unhealthy_after < 2:  # the first failed probe is already unhealthy: connection_lost
+        impossible.add((Phase.PROBE, Event.IMPAIRED))
+    if not probe:
+        impossible.update((Phase.PROBE, event) for event in Event)
+    grouped: dict[tuple[Phase, Event, State], set[str]] = {}
     for row in reaction_table(policy):
+        if not row.codes and not row.default:
+            continue  # no code belongs to this class: nothing can fire it
         for event in row.events:
-            grouped.setdefault((row.phase, event), []).append(row.code_class)
-    for (phase, event), classes in grouped.items():
-        for source in PHASE_STATES[phase]:
-            dest = TRANSITIONS.get((source, event))
-            if dest is not None and (source, event, phase) not in seen:
-                seen.add((source, event, phase))
-                yield Edge(source, event, dest, phase, tuple(sorted(set(classes))))
-    for (source, event), dest in TRANSITIONS.items():
-        if event in STEPS and event not in (Event.CONNECTION_LOST,):
-            if event is Event.IMPAIRED or event is Event.HEALTHY:
-                if source not in SERVING:
+            if (row.phase, event) in impossible:
+                continue
+            for source in PHASE_STATES[row.phase]:
+                dest = TRANSITIONS.get((source, event))
+                if dest is None or (event is Event.IMPAIRED and dest is source):
                     continue
-            yield Edge(source, event, dest, None, ())
+                grouped.setdefault((row.phase, event, source), set()).add(row.code_class)
+    for phase in Phase:
+        for event in Event:
+            for source in State:
+                classes = grouped.get((phase, event, source))
+                if classes:
+                    yield Edge(source, event, TRANSITIONS[(source, event)], phase, tuple(sorted(classes)))
+    for source, event in STEPS:
+        yield Edge(source, event, TRANSITIONS[(source, event)], None, ())

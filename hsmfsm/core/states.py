@@ -180,7 +180,7 @@ class SlotMachine:
 
     @property
     def state(self) -> str:
-        return self._model.state
+        return str(self._model.state)
 
     @property
     def current(self) -> State:

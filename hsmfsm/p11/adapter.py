@@ -13,7 +13,7 @@ from typing import Any
 
 import pkcs11
 from pkcs11 import ObjectClass
-from pkcs11._pkcs11 import SearchIter
+from pkcs11._pkcs11 import SearchIter  # type: ignore[attr-defined]  # python-pkcs11 has no stubs
 from pkcs11.exceptions import MultipleObjectsReturned, NoSuchKey, PKCS11Error
 
 from ..core.codes import Code

@@ -17,7 +17,7 @@ from ..core.codes import CKR, PSEUDO_NAMES, UNKNOWN_ERROR, Code, code_from_value
 
 #: Errors that python-pkcs11 raises from Python, with no CKR behind them.
 #: They get names of their own so that a policy can classify them too.
-PSEUDO: dict[str, type[Exception]] = {
+PSEUDO: dict[str, type[BaseException]] = {
     "HSMFSM_NO_SUCH_TOKEN": _exc.NoSuchToken,
     "HSMFSM_NO_SUCH_KEY": _exc.NoSuchKey,
     "HSMFSM_MULTIPLE_TOKENS": _exc.MultipleTokensReturned,
@@ -26,7 +26,7 @@ PSEUDO: dict[str, type[Exception]] = {
 
 # python-pkcs11's map_rv_to_error (pkcs11/_pkcs11.pxd), inverted: exception
 # class -> CKR name. tests/test_codes.py checks it against the installed copy.
-_CLASS_TO_NAME: dict[type[Exception], str] = {
+_CLASS_TO_NAME: dict[type[BaseException], str] = {
     _exc.AttributeTypeInvalid: "CKR_ATTRIBUTE_TYPE_INVALID",
     _exc.AttributeValueInvalid: "CKR_ATTRIBUTE_VALUE_INVALID",
     _exc.AttributeReadOnly: "CKR_ATTRIBUTE_READ_ONLY",

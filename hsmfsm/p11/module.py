@@ -51,8 +51,6 @@ CKF_OS_LOCKING_OK = 0x2
 CKU_USER = 1
 CKR_OK = 0
 CKR_CANT_LOCK = 0xA
-CKR_CRYPTOKI_NOT_INITIALIZED = 0x190
-CKR_USER_ALREADY_LOGGED_IN = 0x100
 
 
 class _Version(ctypes.Structure):
@@ -153,6 +151,17 @@ def _environment(env: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def load_isolated(module: str, env: dict[str, str], name: str) -> Any:
+    """``pkcs11.lib`` of ``module`` under a path of this process's own, loaded with ``env`` applied.
+
+    Plain python-pkcs11 (its own initialisation, no hsmfsm on top): for the raw
+    baselines in :mod:`hsmfsm.p11.raw`.
+    """
+    path = _private_path(module, name)
+    with _ENV_LOCK, _environment(env):
+        return pkcs11.lib(path)
+
+
 def _server_path(env: dict[str, str]) -> str | None:
     address = env.get("P11_KIT_SERVER_ADDRESS") or ""
     return address[len("unix:path="):] if address.startswith("unix:path=") else None
@@ -249,7 +258,7 @@ class ModuleInstance:
         #: False when the module refused CKF_OS_LOCKING_OK: calls must then be serialised.
         self.parallel = True
         self._fl: _FunctionList | None = None
-        self._fn: dict[str, ctypes._CFuncPtr] = {}
+        self._fn: dict[str, Any] = {}
         self._server_path = _server_path(self.env)
         #: True in a forked child for an instance the parent loaded: its socket belonged to the
         #: parent, so it is never called, finalised or cut off here (see :func:`_after_fork_in_child`).

@@ -27,7 +27,7 @@ class SystemClock:
         return threading.Lock()
 
     def condition(self, lock: Lock) -> Condition:
-        return threading.Condition(lock)  # type: ignore[arg-type]
+        return threading.Condition(lock)  # type: ignore[arg-type]  # any lock of ours is a threading lock
 
     def signal(self) -> Signal:
         return threading.Event()

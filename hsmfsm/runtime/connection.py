@@ -198,6 +198,7 @@ class SlotConnection:
         self._check_fork(restart=False)
         with self._lock:
             if self._supervisor is None:
+                self._recovery_requested = True  # the first connect is no recovery: made in every mode
                 self._start_supervisor()
             self._changed.wait_for(lambda: self._g.ready or self._machine.current is State.FAILED,
                                    timeout=self._deadline if wait is None else wait)
@@ -517,23 +518,27 @@ class SlotConnection:
         if self._pid != os.getpid():
             return  # a forked child's watchdog, before this connection dropped what it inherited
         limit = self._timeout
-        overran = False
+        overran = ours = False
         current = self._g
         slots: list[CallSlot] = [self._supervisor_slot, *current.leases]
+        mine = len(slots)  # the supervisor's and the current generation's; then the retired ones'
         for g in list(self._retired):
             slots.extend(g.leases)
-        for slot in slots:
+        for i, slot in enumerate(slots):
             started = slot.started
             if started and now - started > limit and not slot.timed_out and slot.started == started:
                 slot.timed_out = True
                 overran = True
+                ours = ours or i < mine
         if overran:
             killed, cut = self._cut_off()
             log.warning("%s: a call overran %gs; cut %d socket(s) to the HSM%s", self.name, limit, cut,
                         f", killed {killed} stuck module process(es)" if self._host is not None else "")
             with self._lock:
                 # Else the cut-off caller recorded the loss first, and a new attempt may have begun.
-                if self._g is current:
+                # A call of a retired generation is cut off, not recorded: its loss is on the record
+                # already, and a call_timeout now would knock down the attempt under way.
+                if self._g is current and ours:
                     self.last_code = CALL_TIMEOUT
                     self._fire_if_legal(Event.CALL_TIMEOUT, CALL_TIMEOUT)
             self._flush()

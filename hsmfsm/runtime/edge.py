@@ -20,6 +20,7 @@ back.
 from __future__ import annotations
 
 from collections.abc import Callable
+from types import TracebackType
 from typing import Any, Protocol
 
 from ..core.codes import Code
@@ -34,10 +35,16 @@ class Module(Protocol):
 
     #: For messages and logs: the member's name.
     name: str
-    #: C_Initialize succeeded and no C_Finalize came since.
-    initialized: bool
-    #: False when the module refused CKF_OS_LOCKING_OK: calls into it must be serialised.
-    parallel: bool
+
+    @property
+    def initialized(self) -> bool:
+        """C_Initialize succeeded and no C_Finalize came since."""
+        ...
+
+    @property
+    def parallel(self) -> bool:
+        """False when the module refused CKF_OS_LOCKING_OK: calls into it must be serialised."""
+        ...
 
     @property
     def can_cut_off(self) -> bool:
@@ -124,13 +131,15 @@ class Lock(Protocol):
 
     def __enter__(self) -> bool: ...
 
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None, /) -> None: ...
 
 
 class Condition(Protocol):
     def __enter__(self) -> bool: ...
 
-    def __exit__(self, *exc: object) -> None: ...
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None, /) -> None: ...
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float | None = None) -> bool: ...
 

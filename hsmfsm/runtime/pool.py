@@ -36,13 +36,13 @@ from typing import Any
 from ..audit.record import AuditLog
 from ..core import rules
 from ..core.errors import AllMembersDown, HSMError
-from ..core.policy import Backoff, ConnectPolicy, Policy
+from ..core.policy import Backoff, ConnectPolicy, Policy, member_policy
 from ..core.records import Listener, TransitionRecord
 from ..core.recovery import ReconnectSchedule
 from ..core.states import SERVING, State
 from .clock import SYSTEM
 from .connection import SlotConnection
-from .edge import Clock
+from .edge import Clock, Module
 
 BALANCES = ("round_robin", "least_busy", "primary")
 
@@ -71,8 +71,8 @@ class _Member:
 
     def __init__(self, conn: SlotConnection, standby: bool, schedule: ReconnectSchedule) -> None:
         self.conn, self.standby = conn, standby
-        #: In-call recovery: when the next attempt may be asked for, and how many ran
-        #: (background mode uses the member's own schedule). Read and written under the pool's lock.
+        #: In-call recovery: when the pool may next ask this member to try (at most every X
+        #: seconds); the member's own schedule counts the attempts. Under the pool's lock.
         self.schedule = schedule
 
 
@@ -92,9 +92,10 @@ class Pool:
         self.interval, self.max_attempts = recovery_interval, recovery_max_attempts
         self._clock = clock = clock or SYSTEM
         self._now = clock.monotonic
-        # X seconds apart, no growth, no jitter; N attempts (in-call mode only).
+        # In-call mode: ask a member at most every X seconds, no growth, no jitter. The member's
+        # own schedule counts the N attempts (member_policy), so it gives up on its own machine.
         every = ConnectPolicy(backoff=Backoff(initial=recovery_interval, multiplier=1.0, max=recovery_interval,
-                                              jitter=0.0), max_attempts=recovery_max_attempts)
+                                              jitter=0.0), max_attempts=None)
         self._members = [_Member(conn, standby, ReconnectSchedule(every, lambda: 0.5))
                          for conn, standby in members]
         if not any(not m.standby for m in self._members):
@@ -115,29 +116,26 @@ class Pool:
 
     # -- construction ---------------------------------------------------------
 
-    @staticmethod
-    def member_policy(policy: Policy, mode: str, interval: float, max_attempts: int | None) -> Policy:
-        """The pool's recovery settings, written into each member's connect policy.
-
-        Background: retry every X seconds (no growth, small jitter), N times. In-call:
-        the member never retries by itself; the pool counts attempts.
-        """
-        backoff = Backoff(initial=interval, multiplier=1.0, max=interval,
-                          jitter=min(0.1, policy.connect.backoff.jitter))
-        connect = dataclasses.replace(policy.connect, backoff=backoff,
-                                      max_attempts=max_attempts if mode == "background" else None)
-        return dataclasses.replace(policy, connect=connect)
+    #: The pool's recovery settings, written into each member's connect policy.
+    member_policy = staticmethod(member_policy)
 
     @classmethod
-    def from_spec(cls, spec: Any) -> Pool:
-        """Build a pool from a loaded pool file (``pool_config.PoolSpec``)."""
+    def from_spec(cls, spec: Any, *, clock: Clock | None = None, modules: dict[str, Module] | None = None) -> Pool:
+        """Build a pool from a loaded pool file (``hsmfsm.config.pool_file.PoolSpec``).
+
+        ``modules`` maps member names to module objects to use instead of the file's
+        module paths (:class:`hsmfsm.testing.ScriptedModule`, for tests and the
+        simulator); ``clock`` is given to the pool and every member.
+        """
         r = spec.recovery
-        member_policy = cls.member_policy(spec.policy, r.mode, r.interval, r.max_attempts)
+        policy = cls.member_policy(spec.policy, r.mode, r.interval, r.max_attempts)
         background = r.mode == "background"
+        given = modules or {}
         members = [
-            (SlotConnection(module=m.module, token_label=m.token_label, pin=m.pin, policy=member_policy,
-                            name=m.name, env=dict(m.env), probe=background, wait_for_recovery=False,
-                            auto_recover=background, isolation=m.isolation), m.standby)
+            (SlotConnection(module=given.get(m.name, m.module), token_label=m.token_label, pin=m.pin,
+                            policy=policy, name=m.name, env=dict(m.env), probe=background,
+                            wait_for_recovery=False, auto_recover=background,
+                            isolation="none" if m.name in given else m.isolation, clock=clock), m.standby)
             for m in spec.members
         ]
         audit = None
@@ -145,14 +143,14 @@ class Pool:
             a = spec.audit
             audit = AuditLog(a.path, pool=spec.name, rotate_bytes=a.rotate_bytes, keep=a.keep, fsync=a.fsync)
         return cls(spec.name, members, spec.policy, balance=spec.balance, recovery_mode=r.mode,
-                   recovery_interval=r.interval, recovery_max_attempts=r.max_attempts, audit=audit)
+                   recovery_interval=r.interval, recovery_max_attempts=r.max_attempts, audit=audit, clock=clock)
 
     @classmethod
-    def from_yaml(cls, path: str) -> Pool:
+    def from_yaml(cls, path: str, *, clock: Clock | None = None, modules: dict[str, Module] | None = None) -> Pool:
         """Load a pool file (raises :class:`hsmfsm.PolicyError` naming file, line and field)."""
         from ..config.pool_file import load_pool
 
-        return cls.from_spec(load_pool(path))
+        return cls.from_spec(load_pool(path), clock=clock, modules=modules)
 
     # -- lifecycle ------------------------------------------------------------
 
@@ -212,16 +210,12 @@ class Pool:
         out = []
         for m in self._members:
             c = m.conn
-            gave_up = False
-            if self.recovery_mode == "background":
-                attempts, next_in = c.recovery_status()
-            else:
+            attempts, next_in = c.recovery_status()  # the member's own schedule counts, in both modes
+            if self.recovery_mode == "in_call":
                 with self._lock:
-                    attempts, next_at, gave_up = m.schedule.attempts, m.schedule.next_at, m.schedule.gave_up
-                next_in = None if c.serving or gave_up else max(0.0, (next_at or 0.0) - self._now())
+                    next_at = m.schedule.next_at  # when the pool will next ask
+                next_in = None if c.serving or c.state is State.FAILED else max(0.0, (next_at or 0.0) - self._now())
             state = c.state
-            if gave_up and state is not State.FAILED:
-                state = State.FAILED
             code = c.last_code
             out.append(MemberStatus(c.name, "standby" if m.standby else "active", state,
                                     code.name if code else None, code.value if code else None, attempts,
@@ -263,6 +257,7 @@ class Pool:
         deadline = self._now() + self._deadline
         idempotent = self.policy.is_idempotent(op)
         tried: set[str] = set()
+        reissues = 0  # as one connection counts them: operations.max_reissues bounds a pool's call too
         while True:
             if self.recovery_mode == "in_call":
                 self._recover_in_call()
@@ -281,8 +276,9 @@ class Pool:
                 if not rules.pool_may_reissue(exc, idempotent):
                     raise
                 tried.add(member.conn.name)
-                if self._now() >= deadline:
+                if self._now() >= deadline or reissues >= self.policy.operations.max_reissues:
                     raise
+                reissues += 1
 
     def _choose(self, tried: set[str]) -> _Member | None:
         """The member for the next call: healthy actives first, degraded ones, then standbys."""
@@ -340,7 +336,7 @@ class Pool:
                 c = m.conn
                 if c.serving or c.state is State.FAILED or not m.schedule.due(now):
                     continue
-                m.schedule.failed(now)  # counts this attempt; the N-th one leaves the schedule given up
+                m.schedule.failed(now)  # not before X seconds from now
                 due.append(c)
         for c in due:
             c.request_recovery()

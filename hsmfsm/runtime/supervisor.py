@@ -55,10 +55,10 @@ class Supervisor:
                 self._sleep(max(0.0, next_probe - c._now()) if c._probe_enabled else None)
             elif not c._auto_recover and not c._recovery_requested:
                 self._sleep(None)  # in-call recovery: wait for a caller to ask
-            elif c._auto_recover and not c._schedule.due(now):
+            elif c._auto_recover and not c._schedule.due(now) and not c._schedule.gave_up:
                 self._sleep(max(0.0, (c._schedule.next_at or now) - now))
             else:
-                self._step(state)
+                self._step(state)  # a schedule that gave up: the step fires give_up
             c._flush()
 
     def _sleep(self, seconds: float | None) -> None:
@@ -71,7 +71,9 @@ class Supervisor:
             with c._lock:
                 if not c._fire_if_legal(Event.CONNECT, None):
                     return
-                if c._schedule.gave_up:
+                if c._schedule.gave_up:  # the last attempts failed at C_Login: say so as _attempt_failed does
+                    c._failure = MemberUnavailable(
+                        c.name, f"gave up after {c._schedule.attempts} connect attempts", c.last_code)
                     c._fire(Event.GIVE_UP, c.last_code)
                     return
             c._flush()
@@ -269,17 +271,19 @@ class Supervisor:
         if not g.ready:
             return
         session_state: int | None = None
+        started = c._now()
         try:
             code, session_state = self._probe_call(g)
         except ModuleCallError as exc:
             code = exc.code
+        slow = c._now() - started > c._slow
         d = rules.decide_probe(c.policy, code, timed_out=c._supervisor_slot.timed_out,
                                session_state=session_state)
         with c._lock:
             if g is not c._g:
                 return  # another thread recorded the loss first (the watchdog, a caller)
             if d.reaction is rules.Reaction.NONE:
-                c._fire_verdict(c._health.probe_ok(), None)
+                c._fire_verdict(c._health.probe_slow() if slow else c._health.probe_ok(), None)
                 return
             c.last_code = d.code
             if d.count is rules.Reaction.PROBE_FAILED:

@@ -34,13 +34,15 @@ class Watchdog:
     def __init__(self, clock: Clock = SYSTEM, period: float = 0.02) -> None:
         self.clock = clock
         self.period = period
-        self._members: weakref.WeakSet[Any] = weakref.WeakSet()
+        #: Registered connections, in registration order (weakly: a dropped connection leaves),
+        #: so that on a virtual clock two overruns in one tick are handled in the same order every run.
+        self._members: dict[int, weakref.ref[Any]] = {}
         self._lock = clock.lock()
         self._running = False
 
     def register(self, member: Watched) -> None:
         with self._lock:
-            self._members.add(member)
+            self._members.setdefault(id(member), weakref.ref(member))
             start = not self._running
             self._running = True
         if start:
@@ -48,13 +50,16 @@ class Watchdog:
 
     def unregister(self, member: Watched) -> None:
         with self._lock:
-            self._members.discard(member)
+            ref = self._members.get(id(member))
+            if ref is not None and ref() is member:
+                del self._members[id(member)]
 
     def _run(self) -> None:
         while True:
             self.clock.sleep(self.period)
             with self._lock:
-                members = list(self._members)
+                members = [m for m in (ref() for ref in self._members.values()) if m is not None]
+                self._members = {k: r for k, r in self._members.items() if r() is not None}
                 if not members:
                     self._running = False
                     return

@@ -17,9 +17,8 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TextIO
 
-import pkcs11
-
 from ..config.policy_file import load_policy
+from ..p11.raw import mechanism, raw_private_key, raw_session
 from ..runtime.connection import SlotConnection
 from ..testing.lab import NetworkHSM, SoftHSMToken, find_module
 from ..testing.lab.hsm import load_raw_client
@@ -43,12 +42,12 @@ def _raw_session(token: SoftHSMToken, hsm: NetworkHSM) -> Any:
 
     ``Any``: python-pkcs11 ships no type information.
     """
-    return load_raw_client(hsm.address, "bench-raw").get_token(token_label=token.label).open(user_pin=token.pin)
+    return raw_session(load_raw_client(hsm.address, "bench-raw"), token.label, token.pin)
 
 
 _CASES = {
-    "RSA-2048 SHA256_RSA_PKCS": ("rsa", _DATA, pkcs11.Mechanism.SHA256_RSA_PKCS),
-    "ECDSA P-256 (prehashed)": ("ec", _DIGEST, pkcs11.Mechanism.ECDSA),
+    "RSA-2048 SHA256_RSA_PKCS": ("rsa", _DATA, mechanism("SHA256_RSA_PKCS")),
+    "ECDSA P-256 (prehashed)": ("ec", _DIGEST, mechanism("ECDSA")),
 }
 
 
@@ -150,7 +149,7 @@ def _pool_figures(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path, rounds: i
                    for name, server in (("hsm-a", hsm), ("hsm-b", replica))]
         session = _raw_session(token, hsm)
         label, data, mech = _CASES["ECDSA P-256 (prehashed)"]
-        key = session.get_key(label=label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
+        key = raw_private_key(session, label)
         with Pool("bench", members, policy) as pool:
             raw = partial(key.sign, data, mechanism=mech)
             managed = partial(pool.sign, label, data, mechanism=mech)
@@ -186,7 +185,7 @@ def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dic
                 print(f"{'case':28} {'raw ops/s':>10} {'managed ops/s':>14} {'managed/raw':>12}", file=out)
                 print("-- network HSM: SoftHSM behind p11-kit server, both sides in this process", file=out)
                 for case, (label, data, mech) in _CASES.items():
-                    key = session.get_key(label=label, object_class=pkcs11.ObjectClass.PRIVATE_KEY)
+                    key = raw_private_key(session, label)
                     raw = partial(key.sign, data, mechanism=mech)
                     managed = partial(conn.sign, label, data, mechanism=mech)
                     raw(), managed()  # warm up: key lookups, sessions

@@ -17,9 +17,9 @@ from ..core.policy import PolicyError
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ..config.pool_file import check_any_files
+    from ..config.check import check_any_files
 
-    return check_any_files(args.files)
+    return check_any_files(args.files, strict=args.strict)
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -56,6 +56,12 @@ def _soak(args: argparse.Namespace) -> int:
                json_path=args.json, isolation=args.isolation)
 
 
+def _simulate(args: argparse.Namespace) -> int:
+    from .simulate import main as simulate
+
+    return simulate(args.scenario, json=args.json)
+
+
 def _diagram(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -79,11 +85,13 @@ def _diagram(args: argparse.Namespace) -> int:
         print("hsmfsm diagram: give POLICY_OR_POOL -o FILE, --live POOL -o FILE, or --all DIR", file=sys.stderr)
         return 2
     if args.live:
+        # The one place a diagram touches HSMs: connect here, and hand the drawing plain status rows.
         from ..runtime.pool import Pool
 
-        with Pool.from_yaml(args.live) as pool:
+        spec = load_pool(args.live)
+        with Pool.from_spec(spec) as pool:
             status = pool.status()
-        print(diagram.write_pool(load_pool(args.live), args.output, status))
+        print(diagram.write_pool(spec, args.output, status))
     elif is_pool_file(target) or target in shipped_pools():
         print(diagram.write_pool(load_pool(target, environment=False), args.output))
     else:
@@ -116,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate policy and pool files; exit 2 if any is broken")
     p.add_argument("files", nargs="+")
+    p.add_argument("--strict", action="store_true",
+                   help="an unset ${VAR} in a pool file is an error, as when the pool is loaded "
+                        "(default: a warning on stderr); for checks at deploy time")
     p.set_defaults(fn=_check)
     p = sub.add_parser("status", help="connect to a pool and print each member's state, like an HA group display")
     p.add_argument("pool", help="a pool file")
@@ -139,6 +150,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--isolation", choices=("none", "process"), default="none",
                    help="where the active members' modules run (default none; process: in host processes)")
     p.set_defaults(fn=_soak)
+    p = sub.add_parser("simulate", help="what-if: run a scenario's faults against a policy or pool on virtual "
+                                        "time, with no HSM; print the timeline, failed calls, recovery and tally")
+    p.add_argument("scenario", metavar="SCENARIO",
+                   help="a scenario file (hsmfsm/config/scenario.schema.json), or a shipped scenario's name")
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.set_defaults(fn=_simulate)
     p = sub.add_parser("diagram", help="draw the slot machine under a policy, or a pool (.dot, .svg, .png)")
     p.add_argument("source", nargs="?", metavar="POLICY_OR_POOL",
                    help="a policy or pool file, or a shipped policy's or pool's name")
@@ -162,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.ERROR,
                         format="%(asctime)s %(name)s %(message)s")
     try:
-        return args.fn(args)
+        status: int = args.fn(args)
+        return status
     except (PolicyError, HSMError, DiagramError, AuditError, ValueError, OSError) as exc:
         print(f"hsmfsm: {exc}", file=sys.stderr)
         return 2

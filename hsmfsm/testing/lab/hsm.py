@@ -247,18 +247,8 @@ def _wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
 
 
 def load_raw_client(address: str, name: str = "raw-client") -> Any:
-    """A plain python-pkcs11 ``lib`` on a p11-kit-client instance of its own (its own socket).
+    """A plain python-pkcs11 ``lib`` on a p11-kit-client instance of its own (its own socket),
+    for baselines and wire tests that must bypass hsmfsm (:func:`hsmfsm.p11.raw.load_raw_client`)."""
+    from ...p11.raw import load_raw_client as load
 
-    For baselines and wire tests that must bypass hsmfsm. It loads under a
-    path of its own, because python-pkcs11 caches per path, with
-    ``P11_KIT_SERVER_ADDRESS`` applied under hsmfsm's environment lock,
-    because p11-kit-client reads it at load time (docs/FACTS.md). Returns a ``pkcs11.lib``
-    (``Any``: python-pkcs11 ships no type information).
-    """
-    import pkcs11
-
-    from ...p11.module import _ENV_LOCK, _environment, _private_path
-
-    path = _private_path(find_module("p11-kit-client"), name)
-    with _ENV_LOCK, _environment({"P11_KIT_SERVER_ADDRESS": address}):
-        return pkcs11.lib(path)
+    return load(find_module("p11-kit-client"), address, name)
