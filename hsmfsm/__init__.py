@@ -17,23 +17,28 @@ from .config.policy_file import load_policy
 from .config.pool_file import PoolSpec, load_pool
 from .core.codes import Code
 from .core.errors import (
-                     AllMembersDown,
-                     CallTimeout,
-                     HSMError,
-                     LoginRejected,
-                     MemberUnavailable,
-                     OperationFailed,
-                     OutcomeUnknown,
+    AllMembersDown,
+    CallTimeout,
+    HSMError,
+    KeyNotFound,
+    LoginRejected,
+    MechanismNotSupported,
+    MemberUnavailable,
+    NotExtractable,
+    OperationFailed,
+    OutcomeUnknown,
 )
 from .core.policy import Policy, PolicyError
 from .core.records import TransitionRecord
 from .core.states import Event, IllegalTransition, State
 from .p11.codes import code_of
+from .runtime.aio import AsyncPool, WorkersBusy
 from .runtime.connection import SlotConnection
 from .runtime.pool import MemberStatus, Pool
 
 __all__ = [
-    "AllMembersDown", "CallTimeout", "Code", "Event", "HSMError", "IllegalTransition", "LoginRejected", "MemberStatus",
-    "MemberUnavailable", "OperationFailed", "OutcomeUnknown", "PinError", "Policy", "PolicyError", "Pool",
-    "PoolSpec", "SlotConnection", "State", "TransitionRecord", "code_of", "load_policy", "load_pool",
+    "AllMembersDown", "AsyncPool", "CallTimeout", "Code", "Event", "HSMError", "IllegalTransition", "KeyNotFound",
+    "LoginRejected", "MechanismNotSupported", "MemberStatus", "MemberUnavailable", "NotExtractable",
+    "OperationFailed", "OutcomeUnknown", "PinError", "Policy", "PolicyError", "Pool", "PoolSpec", "SlotConnection",
+    "State", "TransitionRecord", "WorkersBusy", "code_of", "load_policy", "load_pool",
 ]

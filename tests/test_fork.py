@@ -11,7 +11,10 @@ from __future__ import annotations
 import json
 import os
 import select
+import shutil
+import subprocess
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -29,6 +32,24 @@ pytestmark = pytest.mark.timeout(90)
 
 
 # -- forking helpers ---------------------------------------------------------
+
+
+def _stacks(pid: int) -> str:
+    """Where a stuck child is, in C (gdb) and in Python (py-spy), when those tools are installed:
+    a deadlock that happens once in twenty runs must explain itself the first time."""
+    out = []
+    for argv in (["gdb", "-p", str(pid), "-batch", "-ex", "thread apply all bt 25"],
+                 ["py-spy", "dump", "--pid", str(pid)]):
+        tool = shutil.which(argv[0]) or shutil.which(argv[0], path=os.path.dirname(sys.executable))
+        if tool is None:
+            continue
+        argv[0] = tool
+        try:
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+            out.append(f"--- {argv[0]}:\n{done.stdout[-6000:]}{done.stderr[-1000:]}")
+        except (OSError, subprocess.SubprocessError) as exc:
+            out.append(f"--- {argv[0]}: {exc}")
+    return "\n".join(out)
 
 
 class Child:
@@ -67,8 +88,9 @@ class Child:
             left = deadline - time.monotonic()
             ready = select.select([self._r], [], [], max(0.0, left))[0] if left > 0 else []
             if not ready:
+                stacks = _stacks(self.pid)
                 self.kill()
-                pytest.fail(f"forked child {self.pid} did not report within {timeout}s (deadlocked?)")
+                pytest.fail(f"forked child {self.pid} did not report within {timeout}s (deadlocked?)\n{stacks}")
             chunk = os.read(self._r, 65536)
             if not chunk:
                 break

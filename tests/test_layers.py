@@ -2,11 +2,14 @@
 
     core  <-  config  <-  audit  <-  runtime  <-  testing  <-  tools
       ^-------  p11  <--------------'
+      ^-------  keys <--------------'   (the key objects: runtime, testing and tools use them)
 
 ``core`` imports nothing else of hsmfsm and none of the modules that would
 give it I/O, a clock or threads; ``p11`` is the only package that imports
-python-pkcs11; the library never imports ``testing`` or ``tools``; nothing
-imports ``tools`` but the command line's entry points.
+python-pkcs11; ``keys`` (the cryptography key objects bound to a pool) imports
+only ``core``, never the runtime it is bound to; the library never imports
+``testing`` or ``tools``; nothing imports ``tools`` but the command line's entry
+points.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ ALLOWED: dict[str, set[str]] = {
     "core": set(),
     "config": {"core"},
     "p11": {"core"},
+    "keys": {"core"},
     "audit": {"core", "config"},
-    "runtime": {"core", "config", "p11", "audit"},
-    "testing": {"core", "config", "p11", "audit", "runtime"},
-    "tools": {"core", "config", "p11", "audit", "runtime", "testing", "tools"},
+    "runtime": {"core", "config", "p11", "audit", "keys"},
+    "testing": {"core", "config", "p11", "audit", "runtime", "keys"},
+    "tools": {"core", "config", "p11", "audit", "runtime", "testing", "tools", "keys"},
 }
 #: Modules the pure core must not import (I/O, clock, threads, the PKCS#11 library).
 CORE_FORBIDDEN = {"pkcs11", "threading", "time", "socket", "os", "subprocess", "asyncio", "random",

@@ -85,3 +85,29 @@ class ModuleCallError(Exception):
 
 class ModuleError(RuntimeError):
     """The module could not be loaded or is of a layout hsmfsm cannot drive safely."""
+
+
+class NotExtractable(HSMError, TypeError):
+    """A key object bound to an HSM was asked for its private material (``private_bytes``,
+    ``private_numbers``) or for an operation the HSM key does not offer (``exchange``)."""
+
+    def __init__(self, what: str) -> None:
+        super().__init__("hsmfsm", what)
+
+
+class KeyNotFound(HSMError):
+    """No key, or more than one, matches a lookup (label, CKA_ID or ``pkcs11:`` URI) on the members asked."""
+
+
+class MechanismNotSupported(OperationFailed):
+    """The token does not offer the mechanism asked for (its C_GetMechanismList, read at connect,
+    lacks it), so the call was not sent; in a pool, no member offers it. ``mechanism`` names it.
+
+    ``reissue``: a pool may send the call to a member that offers it."""
+
+    reissue = True
+    may_have_acted = False
+
+    def __init__(self, member: str, message: str, mechanism: str, state: str | None = None) -> None:
+        self.mechanism = mechanism
+        super().__init__(member, message, None, state)

@@ -12,12 +12,19 @@ import logging
 from typing import Any
 
 import pkcs11
-from pkcs11 import ObjectClass
+from pkcs11 import MGF, Attribute, KeyType, ObjectClass
 from pkcs11._pkcs11 import SearchIter  # type: ignore[attr-defined]  # python-pkcs11 has no stubs
-from pkcs11.exceptions import MultipleObjectsReturned, NoSuchKey, PKCS11Error
+from pkcs11.exceptions import (
+    AttributeSensitive,
+    AttributeTypeInvalid,
+    MultipleObjectsReturned,
+    NoSuchKey,
+    PKCS11Error,
+)
 
-from ..core.codes import Code
+from ..core.codes import Code, code_from_name
 from ..core.errors import ModuleCallError
+from ..core.mechanisms import OAEPParams, PSSParams
 from .codes import code_of
 from .host import HostError, ModuleHost, client_module
 from .module import ModuleInstance, SessionInfo
@@ -26,6 +33,15 @@ log = logging.getLogger("hsmfsm.connection")
 
 _KINDS = {"private": ObjectClass.PRIVATE_KEY, "public": ObjectClass.PUBLIC_KEY}
 _MECHANISMS: dict[str, pkcs11.Mechanism] = {}
+#: Hashes as hsmfsm.core.mechanisms names them, as python-pkcs11's mechanism and MGF values.
+_HASH_MECHANISMS = {"SHA1": pkcs11.Mechanism.SHA_1, "SHA224": pkcs11.Mechanism.SHA224,
+                    "SHA256": pkcs11.Mechanism.SHA256, "SHA384": pkcs11.Mechanism.SHA384,
+                    "SHA512": pkcs11.Mechanism.SHA512}
+_MGFS = {"SHA1": MGF.SHA1, "SHA224": MGF.SHA224, "SHA256": MGF.SHA256, "SHA384": MGF.SHA384, "SHA512": MGF.SHA512}
+_PARAM_INVALID = code_from_name("CKR_MECHANISM_PARAM_INVALID")
+_mechanism_names: dict[int, str] = {int(m): m.name for m in pkcs11.Mechanism}
+#: Attributes a token may refuse to give (a sensitive or absent attribute): then look elsewhere.
+_UNREADABLE = (AttributeSensitive, AttributeTypeInvalid)
 #: Where a connection runs its module: ``none`` in this process, ``process`` behind a private host.
 ISOLATION = ("none", "process")
 
@@ -118,11 +134,25 @@ class P11Module:
 
     # -- operations -------------------------------------------------------------
 
-    def find_key(self, session: Any, label: str, kind: str) -> Any:
+    def find_key(self, session: Any, label: str | None, kind: str, key_id: bytes | None = None) -> Any:
         try:
-            return find_one(session, label, _KINDS[kind])
+            return find_one(session, label, _KINDS[kind], key_id)
         except PKCS11Error as exc:
             raise _failed(exc) from exc
+
+    def key_attributes(self, session: Any, key: Any) -> dict[str, Any]:
+        try:
+            return key_attributes(session, key)
+        except PKCS11Error as exc:
+            raise _failed(exc) from exc
+
+    def mechanisms(self, token: Any) -> frozenset[str]:
+        """C_GetMechanismList (ours: :meth:`ModuleInstance.mechanism_list`), as names without CKM_;
+        a mechanism python-pkcs11 does not name reads ``0x%08X``."""
+        code, found = self.instance.mechanism_list(token.slot.slot_id)
+        if code.value != 0:
+            raise ModuleCallError(code, "C_GetMechanismList failed")
+        return frozenset(_mechanism_names.get(m) or f"0x{m:08X}" for m in found)
 
     def mechanism(self, mechanism: Any) -> Any:
         if mechanism is None or isinstance(mechanism, pkcs11.Mechanism):
@@ -131,25 +161,41 @@ class P11Module:
             return _MECHANISMS[mechanism]
         except KeyError:
             try:
-                mech = _MECHANISMS[mechanism] = pkcs11.Mechanism[mechanism]
+                name = mechanism.removeprefix("CKM_") if isinstance(mechanism, str) else mechanism
+                mech = _MECHANISMS[mechanism] = pkcs11.Mechanism[name]
             except KeyError:
                 raise ValueError(f"unknown mechanism {mechanism!r} "
                                  "(a python-pkcs11 Mechanism name, e.g. SHA256_RSA_PKCS)") from None
             return mech
 
     def sign(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
+        """``mechanism``: python-pkcs11's value (what :meth:`mechanism` returns) or a name;
+        ``param``: python-pkcs11's tuple, or a :class:`~hsmfsm.core.mechanisms.PSSParams`."""
+        if isinstance(mechanism, str):
+            mechanism = self.mechanism(mechanism)
+        if param is not None and isinstance(param, PSSParams):
+            param = _pkcs11_param(param)
         try:
             return key.sign(data, mechanism=mechanism, mechanism_param=param)  # type: ignore[no-any-return]
         except PKCS11Error as exc:
             raise _failed(exc) from exc
 
     def verify(self, key: Any, data: bytes, signature: bytes, mechanism: Any, param: Any) -> bool:
+        if isinstance(mechanism, str):
+            mechanism = self.mechanism(mechanism)
+        if param is not None and isinstance(param, PSSParams):
+            param = _pkcs11_param(param)
         try:
             return key.verify(data, signature, mechanism=mechanism, mechanism_param=param)  # type: ignore[no-any-return]
         except PKCS11Error as exc:
             raise _failed(exc) from exc
 
     def decrypt(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
+        """``param``: python-pkcs11's tuple, or a :class:`~hsmfsm.core.mechanisms.OAEPParams`."""
+        if isinstance(mechanism, str):
+            mechanism = self.mechanism(mechanism)
+        if param is not None and isinstance(param, OAEPParams):
+            param = _pkcs11_param(param)
         try:
             return key.decrypt(data, mechanism=mechanism, mechanism_param=param)  # type: ignore[no-any-return]
         except PKCS11Error as exc:
@@ -201,8 +247,39 @@ class P11Module:
         return f"<P11Module {self.name} {self.path} isolation={self.isolation} {self.instance!r}>"
 
 
-def find_one(session: Any, label: str, klass: ObjectClass) -> Any:
-    """Find exactly one key, finishing the search whatever happens.
+def _pkcs11_param(param: PSSParams | OAEPParams) -> tuple[Any, Any, Any]:
+    """hsmfsm's mechanism parameters as python-pkcs11's tuples: (hash mechanism, MGF, salt length)
+    for PSS, (hash mechanism, MGF, label or None) for OAEP."""
+    try:
+        hash_mech, mgf = _HASH_MECHANISMS[param.hash.upper()], _MGFS[param.mgf.upper()]
+    except KeyError:
+        raise ModuleCallError(_PARAM_INVALID, f"{param!r}: hashes are {', '.join(_HASH_MECHANISMS)}") from None
+    if isinstance(param, PSSParams):
+        return hash_mech, mgf, param.salt_length
+    return hash_mech, mgf, param.label
+
+
+def describe_lookup(label: str | None, key_id: bytes | None) -> str:
+    """A key lookup as messages name it (the spelling of hsmfsm.keys.KeyRef)."""
+    parts = ([f"label {label!r}"] if label is not None else []) + ([f"id {key_id.hex()}"] if key_id is not None else [])
+    return " and ".join(parts) or "any key"
+
+
+def _read(obj: Any, attribute: Attribute) -> Any:
+    """One attribute, or None when the token will not give it (sensitive, or not one of the object's)."""
+    try:
+        return obj[attribute]
+    except _UNREADABLE:
+        return None
+
+
+def _describe(obj: Any) -> str:
+    label, key_id = _read(obj, Attribute.LABEL), _read(obj, Attribute.ID)
+    return f"label {label!r} id {bytes(key_id).hex() if key_id else '(none)'}"
+
+
+def _search(session: Any, template: dict[Any, Any], limit: int = 2) -> list[Any]:
+    """Up to ``limit`` objects matching ``template``, finishing the search whatever happens.
 
     python-pkcs11's ``get_key`` can leave its search operation active (when
     C_FindObjectsInit fails, or when the generator is dropped half-way); its
@@ -212,21 +289,74 @@ def find_one(session: Any, label: str, klass: ObjectClass) -> Any:
     (and so its generation) is still held: the drain waits for it, so the
     handle cannot be stale yet.
     """
-    search = SearchIter(session, {pkcs11.Attribute.CLASS: klass, pkcs11.Attribute.LABEL: label}, 2)
+    search = SearchIter(session, template, limit)
     found: list[Any] = []
     try:
         search.__enter__()  # C_FindObjectsInit
         for batch in search:
             found.extend(batch)
-            if len(found) > 1:
+            if len(found) >= limit:
                 break
     finally:
         try:
             search._finalize()  # C_FindObjectsFinal, if still active; marks the search finished
         except PKCS11Error:
             pass
+    return found
+
+
+def find_one(session: Any, label: str | None, klass: ObjectClass, key_id: bytes | None = None) -> Any:
+    """Find exactly one object of ``klass`` by label, by CKA_ID or both; the search is always
+    finished (:func:`_search`). None: NoSuchKey; two: MultipleObjectsReturned naming both."""
+    template: dict[Any, Any] = {Attribute.CLASS: klass}
+    if label is not None:
+        template[Attribute.LABEL] = label
+    if key_id is not None:
+        template[Attribute.ID] = bytes(key_id)
+    found = _search(session, template)
+    lookup = describe_lookup(label, key_id)
     if not found:
-        raise NoSuchKey(f"no {klass.name} labelled {label!r}")
+        raise NoSuchKey(f"no {klass.name} with {lookup}")
     if len(found) > 1:
-        raise MultipleObjectsReturned(f"more than one {klass.name} labelled {label!r}")
+        raise MultipleObjectsReturned(f"more than one {klass.name} matches {lookup}: "
+                                      f"{_describe(found[0])}, {_describe(found[1])}")
     return found[0]
+
+
+def key_attributes(session: Any, key: Any) -> dict[str, Any]:
+    """The public half of ``key`` as :func:`hsmfsm.keys.public_key_from_attributes` takes it.
+
+    From the public key object with the key's CKA_ID (or, without an id, its label); else from
+    the key's own attributes (CKA_MODULUS and CKA_PUBLIC_EXPONENT are readable on an RSA private
+    key); else ``{"certificate": der}`` of the certificate with the same CKA_ID. None of those:
+    NoSuchKey.
+    """
+    label, key_id = _read(key, Attribute.LABEL), _read(key, Attribute.ID)
+    key_id = bytes(key_id) if key_id else b""
+    out: dict[str, Any] = {"label": label, "id": key_id}
+    key_type = _read(key, Attribute.KEY_TYPE)
+    out["key_type"] = key_type.name if isinstance(key_type, KeyType) else key_type
+    if key.object_class == ObjectClass.PUBLIC_KEY:
+        public = key
+    else:
+        match = {Attribute.ID: key_id} if key_id else ({Attribute.LABEL: label} if label is not None else None)
+        found = _search(session, {Attribute.CLASS: ObjectClass.PUBLIC_KEY, **match}) if match else []
+        if len(found) > 1:
+            raise MultipleObjectsReturned(f"more than one public key matches {describe_lookup(label, key_id or None)}: "
+                                          f"{_describe(found[0])}, {_describe(found[1])}")
+        public = found[0] if found else None
+    names = ((Attribute.MODULUS, "modulus"), (Attribute.PUBLIC_EXPONENT, "public_exponent")) \
+        if key_type == KeyType.RSA else ((Attribute.EC_PARAMS, "ec_params"), (Attribute.EC_POINT, "ec_point"))
+    for source in (public, key):
+        if source is None:
+            continue
+        values = {name: _read(source, attribute) for attribute, name in names}
+        if all(v is not None for v in values.values()):
+            out.update({name: bytes(v) if isinstance(v, bytes | bytearray) else v for name, v in values.items()})
+            return out
+    if key_id:
+        certificates = _search(session, {Attribute.CLASS: ObjectClass.CERTIFICATE, Attribute.ID: key_id}, 1)
+        if certificates:
+            return {"certificate": bytes(certificates[0][Attribute.VALUE]), "label": label, "id": key_id}
+    raise NoSuchKey(f"no public key object, readable key attributes or certificate for "
+                    f"{describe_lookup(label, key_id or None)}")

@@ -51,6 +51,7 @@ CKF_OS_LOCKING_OK = 0x2
 CKU_USER = 1
 CKR_OK = 0
 CKR_CANT_LOCK = 0xA
+CKR_BUFFER_TOO_SMALL = 0x150
 
 
 class _Version(ctypes.Structure):
@@ -95,6 +96,7 @@ _PROTO = {
     "C_Login": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.c_char_p, CK_ULONG),
     "C_Logout": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
     "C_CloseSession": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
+    "C_GetMechanismList": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(CK_ULONG), ctypes.POINTER(CK_ULONG)),
 }
 
 
@@ -340,6 +342,25 @@ class ModuleInstance:
         """C_CloseSession without the C_Logout that python-pkcs11's ``Session.close`` adds
         (a logout there would log every other session out)."""
         return code_from_value(self._fn["C_CloseSession"](session_handle))
+
+    def mechanism_list(self, slot_id: int) -> tuple[Code, list[int]]:
+        """C_GetMechanismList, keeping only the count the second call returns. python-pkcs11's
+        ``get_mechanisms`` keeps the first call's count: through p11-kit-client (0.24.1), which
+        drops the mechanisms its RPC cannot carry on the second call (SHA256_RSA_PKCS_PSS, EDDSA
+        ...), the tail of its buffer is uninitialised memory read as mechanisms (measured)."""
+        fn = self._fn["C_GetMechanismList"]
+        count = CK_ULONG(0)
+        rv = fn(slot_id, None, ctypes.byref(count))
+        for _ in range(3):  # the list can grow between the two calls (CKR_BUFFER_TOO_SMALL): ask again
+            if rv != CKR_OK:
+                return code_from_value(rv), []
+            buffer = (CK_ULONG * max(1, count.value))()
+            rv = fn(slot_id, buffer, ctypes.byref(count))
+            if rv != CKR_BUFFER_TOO_SMALL:
+                break
+        if rv != CKR_OK:
+            return code_from_value(rv), []
+        return code_from_value(rv), [int(buffer[i]) for i in range(count.value)]
 
     def function(self, name: str) -> Any:
         """A function of the module's list, as ctypes calls it (those declared here), or None

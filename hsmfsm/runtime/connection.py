@@ -27,17 +27,26 @@ the simulator pass :mod:`hsmfsm.testing`'s scripted module and virtual clock.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..config.pin import PinSource, PinSpec
 from ..core import rules
 from ..core.codes import CALL_TIMEOUT, Code
-from ..core.errors import HSMError, LoginRejected, MemberUnavailable, ModuleCallError
+from ..core.errors import (
+    HSMError,
+    KeyNotFound,
+    LoginRejected,
+    MechanismNotSupported,
+    MemberUnavailable,
+    ModuleCallError,
+    OperationFailed,
+)
 from ..core.policy import Policy
 from ..core.records import Listener, TransitionRecord
 from ..core.recovery import HealthTracker, ReconnectSchedule
@@ -46,9 +55,13 @@ from ..p11.adapter import ISOLATION, P11Module
 from .clock import SYSTEM
 from .edge import PRIVATE_KEY, PUBLIC_KEY, Clock, Module
 from .generation import CallSlot, Generation, Lease
+from .keyops import RULE_OPERATION, key_ref, mechanism_name, public_key_of, signature_rejected
 from .listeners import Listeners
 from .supervisor import Supervisor
 from .watchdog import watchdog_for
+
+if TYPE_CHECKING:
+    from ..keys.backend import KeyRef, SignatureCheck
 
 log = logging.getLogger("hsmfsm.connection")
 
@@ -60,6 +73,10 @@ _LIVE: weakref.WeakSet[SlotConnection] = weakref.WeakSet()
 #: deallocator calls C_Finalize), would act on the parent's sessions. A leak, bounded by one
 #: set per connection per fork.
 _INHERITED: list[Any] = []
+#: A mechanism argument not yet checked against the current generation's mechanism list.
+_UNCHECKED = object()
+#: The codes a key lookup answers when the key is not there (or not there once).
+_NOT_FOUND = frozenset({"HSMFSM_NO_SUCH_KEY", "HSMFSM_MULTIPLE_OBJECTS"})
 
 
 class Busy(ModuleCallError):
@@ -158,6 +175,12 @@ class SlotConnection:
         self.ignored_events: collections.Counter[tuple[State, Event]] = collections.Counter()
         ops = policy.operations
         self._timeout, self._deadline = ops.call_timeout, ops.deadline
+        self._max_reissues = ops.max_reissues
+        #: The policy with another deadline, for the rule-book's messages when a call gave ``deadline=``.
+        self._deadline_policies: dict[float, Policy] = {}
+        #: The token's mechanism list as last read (kept across reconnects: a pool routes by it while
+        #: the member is down), None until one was read.
+        self._last_mechanisms: frozenset[str] | None = None
         self._slow = policy.degraded.slow_call
         self._pid = os.getpid()
         self._fork_restart = False
@@ -177,6 +200,13 @@ class SlotConnection:
     @property
     def clock(self) -> Clock:
         return self._clock
+
+    @property
+    def mechanisms(self) -> frozenset[str] | None:
+        """The token's mechanisms (names without CKM_), read at each connect; the last list read while
+        the connection is down; None when none was read (yet), or the module could not say."""
+        g = self._g
+        return g.mechanisms if g.mechanisms is not None else self._last_mechanisms
 
     @property
     def _host(self) -> Any:
@@ -279,49 +309,167 @@ class SlotConnection:
                 f"sessions={len(g.leases) - len(g.idle)} busy/{len(g.idle)} idle last={self.last_code}>")
 
     # -- operations ---------------------------------------------------------
+    #
+    # Every operation takes ``deadline=`` (seconds, instead of the policy's deadline for this
+    # call); the key operations find their key by label, ``key_id=`` (CKA_ID) or both. A
+    # mechanism the token lacks (its list read at connect) is refused before anything is sent.
 
-    def sign(self, key_label: str, data: bytes, mechanism: Any = None, mechanism_param: Any = None) -> bytes:
-        """Sign ``data`` with the private key labelled ``key_label``."""
+    def sign(self, key_label: str | None, data: bytes, mechanism: Any = None, mechanism_param: Any = None, *,
+             key_id: bytes | None = None, deadline: float | None = None,
+             check: SignatureCheck | None = None) -> bytes:
+        """Sign ``data`` with the private key labelled ``key_label`` (and/or with CKA_ID ``key_id``).
+
+        ``check``: called with the signature before it is returned; a signature that fails it is
+        never returned: it counts as an impaired call (not as a good one), and the call is re-issued
+        up to ``operations.max_reissues`` times within the deadline, then raises
+        :class:`hsmfsm.keys.SignatureMismatch`. A pool member raises at the first, and the pool
+        asks another member."""
+        mech = self._g.mech_values.get(mechanism, _UNCHECKED)
+        if mech is _UNCHECKED:
+            mech = self._mechanism_value(mechanism, "sign")
         m = self._module
-        mech = m.mechanism(mechanism)
-        result: bytes = self._perform("sign", key_label, PRIVATE_KEY,
-                                      lambda key: m.sign(key, data, mech, mechanism_param))
+        result: bytes = self._perform("sign", (key_label, PRIVATE_KEY, key_id),
+                                      lambda key: m.sign(key, data, mech, mechanism_param), deadline, check)
         return result
 
-    def verify(self, key_label: str, data: bytes, signature: bytes, mechanism: Any = None,
-               mechanism_param: Any = None) -> bool:
+    def verify(self, key_label: str | None, data: bytes, signature: bytes, mechanism: Any = None,
+               mechanism_param: Any = None, *, key_id: bytes | None = None, deadline: float | None = None) -> bool:
+        mech = self._g.mech_values.get(mechanism, _UNCHECKED)
+        if mech is _UNCHECKED:
+            mech = self._mechanism_value(mechanism, "verify")
         m = self._module
-        mech = m.mechanism(mechanism)
-        result: bool = self._perform("verify", key_label, PUBLIC_KEY,
-                                     lambda key: m.verify(key, data, signature, mech, mechanism_param))
+        result: bool = self._perform("verify", (key_label, PUBLIC_KEY, key_id),
+                                     lambda key: m.verify(key, data, signature, mech, mechanism_param), deadline)
         return result
 
-    def decrypt(self, key_label: str, data: bytes, mechanism: Any = None, mechanism_param: Any = None) -> bytes:
+    def decrypt(self, key_label: str | None, data: bytes, mechanism: Any = None, mechanism_param: Any = None, *,
+                key_id: bytes | None = None, deadline: float | None = None) -> bytes:
+        mech = self._g.mech_values.get(mechanism, _UNCHECKED)
+        if mech is _UNCHECKED:
+            mech = self._mechanism_value(mechanism, "decrypt")
         m = self._module
-        mech = m.mechanism(mechanism)
-        result: bytes = self._perform("decrypt", key_label, PRIVATE_KEY,
-                                      lambda key: m.decrypt(key, data, mech, mechanism_param))
+        result: bytes = self._perform("decrypt", (key_label, PRIVATE_KEY, key_id),
+                                      lambda key: m.decrypt(key, data, mech, mechanism_param), deadline)
         return result
 
-    def generate_random(self, nbytes: int) -> bytes:
+    def generate_random(self, nbytes: int, *, deadline: float | None = None) -> bytes:
         m = self._module
-        result: bytes = self._perform("generate_random", None, None, lambda s: m.generate_random(s, nbytes))
+        result: bytes = self._perform("generate_random", None, lambda s: m.generate_random(s, nbytes), deadline)
         return result
 
-    def generate_keypair(self, key_type: Any, bits: int, label: str) -> Any:
+    def generate_keypair(self, key_type: Any, bits: int, label: str, *, deadline: float | None = None) -> Any:
         """Not idempotent: never re-issued once it may have reached the HSM."""
         m = self._module
-        return self._perform("generate_keypair", None, None, lambda s: m.generate_keypair(s, key_type, bits, label))
+        return self._perform("generate_keypair", None, lambda s: m.generate_keypair(s, key_type, bits, label),
+                             deadline)
+
+    # -- keys ---------------------------------------------------------------
+
+    def public_key(self, label: str | None = None, *, key_id: bytes | None = None, uri: str | None = None,
+                   deadline: float | None = None) -> Any:
+        """The public half of a key on the token, as a ``cryptography`` public key: read from the
+        token (:meth:`Module.key_attributes`) once per key and generation (a reconnect reads it again).
+
+        By label, ``key_id`` (CKA_ID) or both, or a ``pkcs11:`` URI. No such key, or more than
+        one: :class:`~hsmfsm.core.errors.KeyNotFound` naming the lookup and the token's answer."""
+        ref = key_ref(label, key_id, uri)
+        g = self._g
+        found = g.public_keys.get(ref)
+        if found is not None:
+            return found
+        return self._read_public_key(ref, deadline)
+
+    def private_key(self, label: str | None = None, *, key_id: bytes | None = None, uri: str | None = None,
+                    public_key: Any = None, verify: bool = False, hash_locally: bool = True) -> Any:
+        """A ``cryptography`` private key object whose operations run on this connection's token
+        (:func:`hsmfsm.keys.bind_private_key`). ``public_key``: the key's public half if known
+        (else read with :meth:`public_key`); ``verify``: check every signature against it before
+        returning it; ``hash_locally``: hash in Python and sign the digest (RSA_PKCS, RSA_PKCS_PSS,
+        ECDSA) rather than with the hash-and-sign mechanisms."""
+        from ..keys import bind_private_key
+
+        ref = key_ref(label, key_id, uri, kinds=("private",))
+        if public_key is None:
+            public_key = self.public_key(ref.label, key_id=ref.key_id)
+        return bind_private_key(self, ref, public_key, verify=verify, hash_locally=hash_locally)
+
+    def _read_public_key(self, ref: KeyRef, deadline: float | None) -> Any:
+        m = self._module
+
+        def read(session: Any) -> dict[str, Any]:
+            try:
+                key = self._lookup_key(session, ref.label, PRIVATE_KEY, ref.key_id)
+            except ModuleCallError as exc:
+                if exc.code.name != "HSMFSM_NO_SUCH_KEY":
+                    raise
+                try:  # no private key: a public key object alone will do
+                    key = self._lookup_key(session, ref.label, PUBLIC_KEY, ref.key_id)
+                except ModuleCallError:
+                    raise exc from None
+            return m.key_attributes(session, key)
+
+        g = self._g
+        try:
+            attributes = self._perform("public_key", None, read, deadline)
+        except OperationFailed as exc:
+            cause = exc.__cause__
+            if exc.code is None or exc.code.name not in _NOT_FOUND or not isinstance(cause, ModuleCallError):
+                raise
+            raise KeyNotFound(self.name, f"public_key: {ref}: {cause.detail or exc.code.name}", exc.code,
+                              exc.state) from exc
+        key = public_key_of(attributes)
+        if self._g is g:  # read in this generation (else it may be an older one's: not kept)
+            g.public_keys[ref] = key
+        return key
+
+    def _lookup_key(self, session: Any, label: str | None, kind: str, key_id: bytes | None) -> Any:
+        if key_id is None:  # the Module shape before CKA_ID lookups took three arguments
+            return self._module.find_key(session, label, kind)
+        return self._module.find_key(session, label, kind, key_id)
+
+    def _mechanism_value(self, mechanism: Any, op: str) -> Any:
+        """The module's value for ``mechanism``, checked against the token's mechanism list
+        (the slow path of a call: once per mechanism and generation)."""
+        g = self._g
+        value = self._module.mechanism(mechanism)
+        name = mechanism_name(value)
+        known = g.mechanisms if g.mechanisms is not None else self._last_mechanisms
+        if name is not None and known is not None and name not in known:
+            raise MechanismNotSupported(self.name, f"{op}: the token does not offer mechanism {name}", name,
+                                        self._machine.current)
+        if g.mechanisms is not None:
+            g.mech_values[mechanism] = value
+        return value
+
+    def _rejected(self, op: str, g: Generation, reissues: int, started: float, deadline: float | None) -> int:
+        """An answer failed its caller's check: an impaired call for the health tracker (as a capacity
+        code is, which can take the connection to ``degraded``), then re-issue (returns the count) or
+        raise. A pool member raises at once, marked for the pool to ask another member."""
+        log.warning("%s: a %s answer failed the caller's check; counted as an impaired call", self.name, op)
+        with self._lock:
+            if g is self._g:
+                self._fire_verdict(self._health.call_impaired(), None)
+        self._flush()
+        limit = self._deadline if deadline is None else deadline
+        if self._wait_for_recovery and reissues < self._max_reissues and self._now() - started < limit:
+            return reissues + 1
+        error = signature_rejected(self.name, f"{op}: {reissues + 1} answer(s) from {self.name} failed the "
+                                   f"caller's check (re-issued {reissues} time(s)); none was returned")
+        if not self._wait_for_recovery:
+            error.reissue, error.may_have_acted = True, False
+            error.signature_rejected = True  # type: ignore[attr-defined]  # read by the pool
+        raise error
 
     # -- the call path ------------------------------------------------------
 
-    def _perform(self, op: str, label: str | None, kind: str | None, call: Callable[[Any], Any]) -> Any:
+    def _perform(self, op: str, lookup: tuple[str | None, str, bytes | None] | None, call: Callable[[Any], Any],
+                 deadline: float | None = None, accept: Callable[[Any], bool] | None = None) -> Any:
         started = self._now()
         reissues = 0
         while True:
             g = self._g
             if not g.ready:
-                self._await_ready(op, started)
+                self._await_ready(op, started, deadline)
                 continue
             try:
                 lease = g.idle.pop()
@@ -330,7 +478,7 @@ class SlotConnection:
                     new = self._new_lease(g)
                 except _OpenFailed as failure:  # nothing of ``op`` was sent: even a non-idempotent call may go again
                     reissues = self._after_error(op, g, failure.error.code, failure.timed_out, reissues, started,
-                                                 sent=False, cause=failure.error)
+                                                 sent=False, cause=failure.error, deadline=deadline)
                     continue
                 if new is None:
                     continue
@@ -343,10 +491,10 @@ class SlotConnection:
                 lock.acquire()  # the watchdog's clock starts inside: waiting here is not the HSM's fault
             lease.started = t0 = self._now()
             try:
-                if label is None:
+                if lookup is None:
                     target = lease.session
                 else:
-                    target = lease.keys.get((label, kind)) or self._find_key(lease, label, kind)  # type: ignore[arg-type]
+                    target = lease.keys.get(lookup) or self._find_key(lease, lookup)
                 result = call(target)
             except ModuleCallError as exc:
                 timed_out = lease.timed_out
@@ -354,7 +502,8 @@ class SlotConnection:
                 if lock is not None:
                     lock.release()
                 g.idle.append(lease)
-                reissues = self._after_error(op, g, exc.code, timed_out, reissues, started, cause=exc)
+                reissues = self._after_error(op, g, exc.code, timed_out, reissues, started, cause=exc,
+                                             deadline=deadline)
                 continue
             except BaseException:
                 lease.started = 0.0
@@ -367,13 +516,19 @@ class SlotConnection:
             if lock is not None:
                 lock.release()
             g.idle.append(lease)
+            if accept is not None and not accept(result):
+                reissues = self._rejected(op, g, reissues, started, deadline)
+                continue
             if elapsed > self._slow or not self._health.quiet:
                 self._after_success(g, elapsed)
             return result
 
-    def _find_key(self, lease: Lease, label: str, kind: str) -> Any:
+    def _find_key(self, lease: Lease, lookup: tuple[str | None, str, bytes | None]) -> Any:
         """Called inside the call path (and its module lock, if any)."""
-        key = lease.keys[(label, kind)] = self._module.find_key(lease.session, label, kind)
+        label, kind, key_id = lookup
+        if label is None and key_id is None:
+            raise ValueError("a key is looked up by label or key_id: neither was given")
+        key = lease.keys[lookup] = self._lookup_key(lease.session, label, kind, key_id)
         return key
 
     def _new_lease(self, g: Generation) -> Lease | None:
@@ -400,13 +555,14 @@ class SlotConnection:
         return lease
 
     def _after_error(self, op: str, g: Generation, code: Code, timed_out: bool, reissues: int, started: float,
-                     sent: bool = True, cause: BaseException | None = None) -> int:
+                     sent: bool = True, cause: BaseException | None = None, deadline: float | None = None) -> int:
         """Ask the rule-book, fire its event, and do as it says: re-issue (returns the count) or raise."""
         if timed_out:
             code = CALL_TIMEOUT
-        d = rules.decide_call(self.policy, code, operation=op, timed_out=timed_out, sent=sent,
-                              in_pool=not self._wait_for_recovery, reissues=reissues,
-                              deadline_passed=self._now() - started > self._deadline)
+        limit = self._deadline if deadline is None else deadline
+        d = rules.decide_call(self._policy_for(deadline), code, operation=RULE_OPERATION.get(op, op),
+                              timed_out=timed_out, sent=sent, in_pool=not self._wait_for_recovery,
+                              reissues=reissues, deadline_passed=self._now() - started > limit)
         with self._lock:
             if g is self._g:
                 self.last_code = code
@@ -422,15 +578,29 @@ class SlotConnection:
                         may_have_acted=d.may_have_acted)
         raise error from (None if timed_out else cause)
 
+    def _policy_for(self, deadline: float | None) -> Policy:
+        """The policy, or (for a call given ``deadline=``) a copy with that deadline, which the
+        rule-book's messages then name."""
+        if deadline is None or deadline == self._deadline:
+            return self.policy
+        found = self._deadline_policies.get(deadline)
+        if found is None:
+            if len(self._deadline_policies) > 64:
+                self._deadline_policies.clear()
+            found = self._deadline_policies[deadline] = dataclasses.replace(
+                self.policy, operations=dataclasses.replace(self.policy.operations, deadline=deadline))
+        return found
+
     def _after_success(self, g: Generation, elapsed: float) -> None:
         with self._lock:
             if g is self._g:
                 self._fire_verdict(self._health.call_ok(elapsed), None)
         self._flush()
 
-    def _await_ready(self, op: str, started: float) -> None:
+    def _await_ready(self, op: str, started: float, deadline: float | None = None) -> None:
         self._check_fork()
-        remaining = started + self._deadline - self._now() if self._wait_for_recovery else 0.0
+        limit = self._deadline if deadline is None else deadline
+        remaining = started + limit - self._now() if self._wait_for_recovery else 0.0
         with self._lock:
             ok = remaining > 0 and self._changed.wait_for(
                 lambda: self._g.ready or self._closing or self._machine.current is State.FAILED, remaining)
@@ -446,7 +616,7 @@ class SlotConnection:
             raise MemberUnavailable(self.name, f"{op}: connection is closed", last, state, may_have_acted=False)
         if not ok:
             raise MemberUnavailable(self.name, f"{op}: not serving within the deadline of "
-                                    f"{self._deadline:g}s" if self._wait_for_recovery else f"{op}: not serving",
+                                    f"{limit:g}s" if self._wait_for_recovery else f"{op}: not serving",
                                     last, state, may_have_acted=False)
 
     # -- transitions --------------------------------------------------------

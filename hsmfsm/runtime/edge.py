@@ -91,9 +91,24 @@ class Module(Protocol):
         """C_GetTokenInfo, as a probe."""
         ...
 
-    def find_key(self, session: Any, label: str, kind: str) -> Any:
-        """Exactly one key of ``kind`` (``private`` or ``public``) labelled ``label``; the search is
-        always finished. None found: HSMFSM_NO_SUCH_KEY; several: HSMFSM_MULTIPLE_OBJECTS."""
+    def find_key(self, session: Any, label: str | None, kind: str, key_id: bytes | None = None) -> Any:
+        """Exactly one key of ``kind`` (``private`` or ``public``) by label, by CKA_ID or both
+        (``None`` does not constrain); the search is always finished. None found:
+        HSMFSM_NO_SUCH_KEY; several: HSMFSM_MULTIPLE_OBJECTS. The detail names the lookup and,
+        for several, two of the objects (their labels and ids)."""
+        ...
+
+    def key_attributes(self, session: Any, key: Any) -> dict[str, Any]:
+        """The public half of ``key`` as :func:`hsmfsm.keys.public_key_from_attributes` takes it:
+        ``key_type`` (``"RSA"``, ``"EC"``, ``"EC_EDWARDS"``), ``modulus`` and ``public_exponent``
+        (RSA) or ``ec_params`` and ``ec_point`` (bytes as the module reports them), ``label``,
+        ``id``. Read from the public key object with the key's CKA_ID (or label), else from the
+        key's own attributes, else ``{"certificate": der, "label", "id"}`` of the certificate with
+        the same CKA_ID; none of those: HSMFSM_NO_SUCH_KEY."""
+        ...
+
+    def mechanisms(self, token: Any) -> frozenset[str]:
+        """C_GetMechanismList: the token's mechanisms as names without ``CKM_`` (``"ECDSA"``)."""
         ...
 
     def mechanism(self, mechanism: Any) -> Any:
@@ -101,7 +116,10 @@ class Module(Protocol):
         Raises ValueError for a name it does not know."""
         ...
 
-    def sign(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes: ...
+    def sign(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
+        """``param``: the module's own parameter value, or a :class:`hsmfsm.core.mechanisms.PSSParams`
+        (``decrypt``: ``OAEPParams``), which the module turns into its own."""
+        ...
 
     def verify(self, key: Any, data: bytes, signature: bytes, mechanism: Any, param: Any) -> bool: ...
 

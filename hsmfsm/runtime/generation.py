@@ -24,7 +24,8 @@ class CallSlot:
 
 
 class Lease(CallSlot):
-    """A session of one generation, leased by one caller at a time, with its key cache."""
+    """A session of one generation, leased by one caller at a time, with its key cache
+    (by lookup: label, kind, CKA_ID)."""
 
     __slots__ = ("g", "keys", "session")
 
@@ -32,13 +33,14 @@ class Lease(CallSlot):
         super().__init__()
         self.g = g
         self.session: Any = None
-        self.keys: dict[tuple[str, str], Any] = {}
+        self.keys: dict[tuple[str | None, str, bytes | None], Any] = {}
 
 
 class Generation:
     """The sessions valid between two losses. ``ready`` is true while the connection serves."""
 
-    __slots__ = ("anchor", "epoch", "idle", "leases", "module", "number", "ready", "token")
+    __slots__ = ("anchor", "epoch", "idle", "leases", "mech_values", "mechanisms", "module", "number",
+                 "public_keys", "ready", "token")
 
     def __init__(self, number: int) -> None:
         self.number = number
@@ -51,6 +53,14 @@ class Generation:
         #: sessions of this generation are valid handles of that instance until it is re-initialised.
         self.module: Any = None
         self.epoch = -1
+        #: The token's mechanisms (C_GetMechanismList at connect, names without CKM_), or None:
+        #: not read (yet), or the module could not say.
+        self.mechanisms: frozenset[str] | None = None
+        #: A caller's mechanism argument -> the module's value, for mechanisms checked against
+        #: :attr:`mechanisms` (the success path of a call looks here first).
+        self.mech_values: dict[Any, Any] = {}
+        #: Public keys read from the token in this generation, by KeyRef: a reconnect drops them.
+        self.public_keys: dict[Any, Any] = {}
 
     def drained(self) -> bool:
         return len(self.idle) == len(self.leases)

@@ -21,28 +21,61 @@ Recovery of members:
 
 Which failures may go to another member is the rule-book's decision
 (:func:`hsmfsm.core.rules.pool_may_reissue`); the pool only carries it out.
+
+Keys and mechanisms:
+
+- A call goes only to members whose token offers its mechanism (each member's
+  mechanism list is read at connect); where none does, it fails at once with
+  :class:`~hsmfsm.core.errors.MechanismNotSupported` naming the mechanism.
+- ``sign(..., check=)``: a member's signature that fails the check counts as an
+  impaired call for that member and the call goes to another member, within
+  the deadline; a signature that failed is never returned.
+- The replica check. The pool keeps every public key it has read
+  (:meth:`Pool.public_key`, :meth:`Pool.private_key`) as the reference for that
+  key. A member serves only once its copy of each of those keys has been
+  compared with the reference in its current generation; a member whose copy
+  differs (or is missing) is kept out of service, shown in :meth:`Pool.status`
+  with an error naming it and the key, until a later check matches.
+  The check runs on the member's ``login_ok`` transition, in the listener the
+  pool registers on each member: that runs with no lock held, normally in the
+  member's own supervisor thread right after its login, so the I/O (one
+  C_FindObjects and C_GetAttributeValue per key) is off every caller's path
+  and an idle pool verifies a member that comes back before any call needs
+  it. Calls never reach a member whose check has not completed, because
+  eligibility is keyed on the generation the check was made in, not on the
+  transition having been seen. The first call that finds no eligible member
+  but a serving, unchecked one (a check cut short, or one that raced a key
+  the pool had just learned) runs that member's check itself, also outside
+  the pool's lock.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import os
 import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..audit.record import AuditLog
 from ..core import rules
-from ..core.errors import AllMembersDown, HSMError
+from ..core.errors import AllMembersDown, HSMError, KeyNotFound, MechanismNotSupported
 from ..core.policy import Backoff, ConnectPolicy, Policy, member_policy
 from ..core.records import Listener, TransitionRecord
 from ..core.recovery import ReconnectSchedule
-from ..core.states import SERVING, State
+from ..core.states import SERVING, Event, State
 from .clock import SYSTEM
 from .connection import SlotConnection
 from .edge import Clock, Module
+from .keyops import RULE_OPERATION, key_ref, mechanism_name, public_der, signature_rejected
+
+if TYPE_CHECKING:
+    from ..keys.backend import KeyRef, SignatureCheck
+
+log = logging.getLogger("hsmfsm.pool")
 
 BALANCES = ("round_robin", "least_busy", "primary")
 
@@ -61,19 +94,34 @@ class MemberStatus:
     next_attempt_in: float | None
     inflight: int
     isolation: str = "none"  # "process": the module runs in a host process (hsmfsm.p11.host)
+    #: Why the member is kept out of service while its state serves (a replica whose key differs).
+    error: str | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 class _Member:
-    __slots__ = ("conn", "schedule", "standby")
+    __slots__ = ("checked_generation", "checked_version", "conn", "mismatch", "schedule", "standby")
 
     def __init__(self, conn: SlotConnection, standby: bool, schedule: ReconnectSchedule) -> None:
         self.conn, self.standby = conn, standby
         #: In-call recovery: when the pool may next ask this member to try (at most every X
         #: seconds); the member's own schedule counts the attempts. Under the pool's lock.
         self.schedule = schedule
+        #: The replica check: the member generation and the pool's key version it was last made
+        #: for, and what it found wrong (None: every key matched). Under the pool's lock.
+        self.checked_generation, self.checked_version = -1, -1
+        self.mismatch: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Known:
+    """A public key the pool has read: the reference every member's copy is compared with."""
+
+    key: Any
+    der: bytes
+    source: str  # the member it was read from, or "the caller"
 
 
 class Pool:
@@ -107,6 +155,11 @@ class Pool:
         self._forked = False
         _LIVE_POOLS.add(self)
         self._deadline = policy.operations.deadline
+        #: Public keys read so far (the replica check's references), and a version bumped with each.
+        self._known: dict[KeyRef, _Known] = {}
+        self._key_version = 0
+        #: Mechanism arguments by their names (without CKM_), for routing.
+        self._mech_names: dict[Any, str | None] = {}
         for m in self._members:
             m.conn.add_listener(self._on_transition)
         #: The pool's audit record (closed with the pool), if the pool file asks for one.
@@ -204,6 +257,13 @@ class Pool:
     def member(self, name: str) -> SlotConnection:
         return self._by_name[name].conn
 
+    def aio(self, *, workers: int | None = None) -> Any:
+        """An asyncio facade over this pool: an :class:`hsmfsm.runtime.aio.AsyncPool` with a bounded
+        thread pool of its own (``workers`` threads; default 4 per member, within 8..32)."""
+        from .aio import AsyncPool
+
+        return AsyncPool(self, workers=workers)
+
     # -- status ---------------------------------------------------------------
 
     def status(self) -> list[MemberStatus]:
@@ -220,7 +280,7 @@ class Pool:
             out.append(MemberStatus(c.name, "standby" if m.standby else "active", state,
                                     code.name if code else None, code.value if code else None, attempts,
                                     self.max_attempts, None if c.serving else next_in, c.inflight,
-                                    c.isolation))
+                                    c.isolation, m.mismatch))
         return out
 
     def __repr__(self) -> str:
@@ -228,71 +288,334 @@ class Pool:
         return f"<Pool {self.name} serving on {serving} of {len(self._members)} members, {self.balance}>"
 
     # -- operations -----------------------------------------------------------
+    #
+    # As on a SlotConnection: ``deadline=`` (seconds, for the whole call across members) instead of
+    # the policy's, ``key_id=`` (CKA_ID) beside or instead of the label, and for ``sign`` a ``check=``.
 
-    def sign(self, key_label: str, data: bytes, mechanism: Any = None, mechanism_param: Any = None) -> bytes:
-        result: bytes = self._call("sign", lambda c: c.sign(key_label, data, mechanism, mechanism_param))
+    def sign(self, key_label: str | None, data: bytes, mechanism: Any = None, mechanism_param: Any = None, *,
+             key_id: bytes | None = None, deadline: float | None = None,
+             check: SignatureCheck | None = None) -> bytes:
+        """``check``: called with each member's signature before it is returned; one that fails it
+        counts as an impaired call for that member, and the call goes to another member within the
+        deadline. A signature that failed is never returned: when no other member signs in time,
+        :class:`hsmfsm.keys.SignatureMismatch` names the members tried."""
+        if check is None and key_id is None:
+            result: bytes = self._call("sign", lambda c: c.sign(key_label, data, mechanism, mechanism_param),
+                                       mechanism, deadline)
+        else:
+            result = self._call("sign", lambda c: c.sign(key_label, data, mechanism, mechanism_param,
+                                                         key_id=key_id, check=check), mechanism, deadline)
         return result
 
-    def verify(self, key_label: str, data: bytes, signature: bytes, mechanism: Any = None,
-               mechanism_param: Any = None) -> bool:
+    def verify(self, key_label: str | None, data: bytes, signature: bytes, mechanism: Any = None,
+               mechanism_param: Any = None, *, key_id: bytes | None = None, deadline: float | None = None) -> bool:
         result: bool = self._call("verify", lambda c: c.verify(key_label, data, signature, mechanism,
-                                                               mechanism_param))
+                                                               mechanism_param, key_id=key_id),
+                                  mechanism, deadline)
         return result
 
-    def decrypt(self, key_label: str, data: bytes, mechanism: Any = None, mechanism_param: Any = None) -> bytes:
-        result: bytes = self._call("decrypt", lambda c: c.decrypt(key_label, data, mechanism, mechanism_param))
+    def decrypt(self, key_label: str | None, data: bytes, mechanism: Any = None, mechanism_param: Any = None, *,
+                key_id: bytes | None = None, deadline: float | None = None) -> bytes:
+        result: bytes = self._call("decrypt", lambda c: c.decrypt(key_label, data, mechanism, mechanism_param,
+                                                                  key_id=key_id),
+                                   mechanism, deadline)
         return result
 
-    def generate_random(self, nbytes: int) -> bytes:
-        result: bytes = self._call("generate_random", lambda c: c.generate_random(nbytes))
+    def generate_random(self, nbytes: int, *, deadline: float | None = None) -> bytes:
+        result: bytes = self._call("generate_random", lambda c: c.generate_random(nbytes), None, deadline)
         return result
 
-    def generate_keypair(self, key_type: Any, bits: int, label: str) -> Any:
+    def generate_keypair(self, key_type: Any, bits: int, label: str, *, deadline: float | None = None) -> Any:
         """Not idempotent: re-issued elsewhere only when the first member never received it."""
-        return self._call("generate_keypair", lambda c: c.generate_keypair(key_type, bits, label))
+        return self._call("generate_keypair", lambda c: c.generate_keypair(key_type, bits, label), None, deadline)
 
-    def _call(self, op: str, invoke: Callable[[SlotConnection], Any]) -> Any:
+    # -- keys -------------------------------------------------------------------
+
+    def public_key(self, label: str | None = None, *, key_id: bytes | None = None, uri: str | None = None,
+                   deadline: float | None = None) -> Any:
+        """The public half of a key, as a ``cryptography`` public key, read from a member's token
+        (cached per member generation). The first read of a key makes it the pool's reference, and
+        every serving member's copy is compared with it (the replica check, module text).
+
+        By label, ``key_id`` or both, or a ``pkcs11:`` URI. A key no member has:
+        :class:`~hsmfsm.core.errors.KeyNotFound` naming the lookup and each member's answer."""
+        ref = key_ref(label, key_id, uri)
+        return self._public_key(ref, deadline)
+
+    def private_key(self, label: str | None = None, *, key_id: bytes | None = None, uri: str | None = None,
+                    public_key: Any = None, verify: bool = False, hash_locally: bool = True) -> Any:
+        """A ``cryptography`` private key object whose operations run on the pool
+        (:func:`hsmfsm.keys.bind_private_key`): a member's loss is failed over as any call.
+
+        ``public_key``: the key's public half (a public key or an ``x509.Certificate``), which
+        then becomes the pool's reference for the replica check; else it is read with
+        :meth:`public_key`. ``verify``: every signature is checked against it, and one that fails
+        goes to another member (``sign(check=)``). ``hash_locally``: hash in Python and sign the
+        digest (RSA_PKCS, RSA_PKCS_PSS, ECDSA), as Debian's SoftHSM needs for EC keys."""
+        from ..keys import bind_private_key
+
+        ref = key_ref(label, key_id, uri, kinds=("private",))
+        if public_key is None:
+            public_key = self.public_key(ref.label, key_id=ref.key_id)
+        else:
+            from cryptography import x509
+
+            self._learn(ref, public_key.public_key() if isinstance(public_key, x509.Certificate) else public_key,
+                        "the caller")
+        return bind_private_key(self, ref, public_key, verify=verify, hash_locally=hash_locally)
+
+    def recheck(self, name: str | None = None) -> None:
+        """Read every known key again from ``name`` (default: every serving member) and compare it
+        with the pool's reference now, e.g. after a replica's key was fixed on the token."""
+        for m in self._members if name is None else [self._by_name[name]]:
+            with self._lock:
+                m.checked_generation = -1
+            m.conn._g.public_keys.clear()
+            self._check_member(m)
+
+    def _public_key(self, ref: KeyRef, deadline: float | None) -> Any:
         if self._forked:
             self._after_fork()
-        deadline = self._now() + self._deadline
-        idempotent = self.policy.is_idempotent(op)
+        limit = self._deadline if deadline is None else deadline
+        until = self._now() + limit
+        answers: dict[str, str] = {}
         tried: set[str] = set()
+        checked: set[str] = set()
+        while True:
+            member = self._choose(tried, None)
+            if member is None:
+                if self._check_unchecked(tried, checked):
+                    continue
+                if tried and any(self._eligible(m, None) and m.conn.name not in answers for m in self._members):
+                    tried.clear()  # a member that failed in passing: go round again within the deadline
+                    tried.update(answers)
+                    continue
+                if len(answers) == len(self._members) or not self._wait_for_a_member(until, None, answers):
+                    raise self._key_not_found(ref, answers) if answers else AllMembersDown(
+                        self.name, self._member_states())
+                continue
+            c = member.conn
+            try:
+                key = c.public_key(ref.label, key_id=ref.key_id, deadline=max(0.0, until - self._now()))
+            except KeyNotFound as exc:
+                answers[c.name] = str(exc)
+                tried.add(c.name)
+                continue
+            except HSMError as exc:
+                if not rules.pool_may_reissue(exc, True) or self._now() >= until:
+                    raise
+                tried.add(c.name)
+                continue
+            known = self._known.get(ref)
+            if known is None:
+                known = self._learn(ref, key, c.name)
+            if public_der(key) != known.der:
+                self._set_mismatch(member, c._g.number, f"{c.name}: key {ref} differs from the pool's copy "
+                                                        f"(read from {known.source})")
+                tried.add(c.name)
+                continue
+            return known.key
+
+    def _learn(self, ref: KeyRef, key: Any, source: str) -> _Known:
+        """Make ``key`` the pool's reference for ``ref`` (unless it has one already, or the caller gives
+        one), and compare every serving member's copy with it now, in this thread."""
+        der = public_der(key)
+        with self._lock:
+            known = self._known.get(ref)
+            if known is not None and (known.der == der or source != "the caller"):
+                return known
+            known = self._known[ref] = _Known(key, der, source)
+            self._key_version += 1
+        log.info("%s: key %s read from %s; checking every member's copy", self.name, ref, source)
+        for m in self._members:
+            if m.conn.serving:
+                self._check_member(m)
+        return known
+
+    def _check_unchecked(self, tried: set[str], checked: set[str]) -> bool:
+        """The first call's share of the replica check: members that serve but have not been checked
+        in their current generation are checked now, outside the pool's lock, once per call (a check
+        that cannot conclude is not run again by the same call). True if any was."""
+        stale = []
+        with self._lock:
+            version = self._key_version
+            if not version:
+                return False
+            for m in self._members:
+                c = m.conn
+                g = c._g
+                if c.name in tried or c.name in checked or not g.ready:
+                    continue
+                if m.checked_generation != g.number or m.checked_version != version:
+                    stale.append(m)
+        for m in stale:
+            checked.add(m.conn.name)
+            self._check_member(m)
+        return bool(stale)
+
+    def _eligible(self, m: _Member, mech: str | None) -> bool:
+        """Whether ``m`` may take a call now (as :meth:`_groups` chooses)."""
+        c = m.conn
+        if not c.serving:
+            return False
+        version = self._key_version
+        if version and (m.mismatch is not None or m.checked_version != version
+                        or m.checked_generation != c._g.number):
+            return False
+        ms = c._last_mechanisms if mech is not None else None
+        return ms is None or mech in ms
+
+    def _check_member(self, m: _Member) -> None:
+        """The replica check of one member (module text): compare its copy of every key the pool
+        knows with the reference. PKCS#11 I/O on that member: never under the pool's lock."""
+        c = m.conn
+        while True:
+            with self._lock:
+                version, known = self._key_version, list(self._known.items())
+                g = c._g
+                if not known or not g.ready or (m.checked_generation == g.number and m.checked_version == version):
+                    return
+                generation = g.number
+            problem: str | None = None
+            for ref, reference in known:
+                try:
+                    key = c.public_key(ref.label, key_id=ref.key_id)
+                except KeyNotFound as exc:
+                    problem = f"{c.name}: key {ref} is missing ({exc})"
+                    break
+                except (HSMError, ValueError) as exc:  # not serving any more, or an answer the key cannot be made of
+                    if isinstance(exc, ValueError):
+                        problem = f"{c.name}: key {ref} could not be read ({exc})"
+                        break
+                    log.info("%s: the replica check of %s did not complete: %s", self.name, c.name, exc)
+                    return
+                if public_der(key) != reference.der:
+                    problem = f"{c.name}: key {ref} differs from the pool's copy (read from {reference.source})"
+                    break
+            if self._set_mismatch(m, generation, problem, version):
+                return
+
+    def _set_mismatch(self, m: _Member, generation: int, problem: str | None, version: int | None = None) -> bool:
+        """Record a check's outcome for ``generation``; False when the member reconnected or the pool
+        learned a key meanwhile (check again)."""
+        with self._changed:
+            if m.conn._g.number != generation:
+                return False
+            before = m.mismatch
+            if version is None:  # a mismatch seen in passing (a call): keep out until a later check
+                m.mismatch = problem
+            else:
+                m.checked_generation, m.checked_version, m.mismatch = generation, version, problem
+            self._changed.notify_all()
+            again = version is not None and version != self._key_version
+        if problem and problem != before:
+            log.warning("%s: %s; the member is kept out of service", self.name, problem)
+        elif before and not problem:
+            log.warning("%s: %s matches the pool's keys again; back in service", self.name, m.conn.name)
+        return not again
+
+    def _key_not_found(self, ref: KeyRef, answers: dict[str, str]) -> KeyNotFound:
+        said = [answers.get(m.conn.name) or f"{m.conn.name}: not asked ({m.conn.state}"
+                f"{', ' + m.conn.last_code.name if m.conn.last_code else ''})" for m in self._members]
+        return KeyNotFound(self.name, f"no key {ref} on any member: " + "; ".join(said))
+
+    def _member_states(self) -> dict[str, tuple[str, Any]]:
+        return {m.conn.name: (f"{m.conn.state} (kept out: {m.mismatch})" if m.mismatch else m.conn.state,
+                              m.conn.last_code) for m in self._members}
+
+    # -- the call path ----------------------------------------------------------
+
+    def _call(self, op: str, invoke: Callable[[SlotConnection], Any], mechanism: Any = None,
+              deadline: float | None = None) -> Any:
+        if self._forked:
+            self._after_fork()
+        until = self._now() + (self._deadline if deadline is None else deadline)
+        mech: str | None = None
+        if mechanism is not None:
+            mech = self._mech_names.get(mechanism)
+            if mech is None:  # not looked up yet (or a value without a name: looked up each time)
+                mech = self._mech_names[mechanism] = mechanism_name(mechanism)
+        tried: set[str] = set()
+        rejected: list[str] = []  # members whose signature failed the check: not asked again in this call
+        checked: set[str] | None = None  # members whose replica check this call ran
         reissues = 0  # as one connection counts them: operations.max_reissues bounds a pool's call too
         while True:
             if self.recovery_mode == "in_call":
                 self._recover_in_call()
-            member = self._choose(tried)
+            member = self._choose(tried, mech)
             if member is None:
-                if tried and any(m.conn.serving for m in self._members):
-                    tried.clear()  # everyone serving was tried once: go round again, within the deadline
+                if mech is not None:
+                    self._refuse_mechanism(op, mech)
+                if checked is None:
+                    checked = set()
+                if self._check_unchecked(tried, checked):
                     continue
-                if not self._wait_for_a_member(deadline):
-                    raise AllMembersDown(self.name, {m.conn.name: (m.conn.state, m.conn.last_code)
-                                                     for m in self._members})
+                if tried and any(self._eligible(m, mech) and m.conn.name not in rejected for m in self._members):
+                    tried.clear()  # everyone serving was tried once: go round again, within the deadline
+                    tried.update(rejected)
+                    continue
+                if rejected and all(m.conn.name in rejected or m.mismatch is not None for m in self._members):
+                    raise self._none_served(op, mech, rejected)  # nobody left who could answer otherwise
+                if not self._wait_for_a_member(until, mech, rejected):
+                    raise self._none_served(op, mech, rejected)
                 continue
             try:
                 return invoke(member.conn)
             except HSMError as exc:
-                if not rules.pool_may_reissue(exc, idempotent):
+                if not rules.pool_may_reissue(exc, self.policy.is_idempotent(RULE_OPERATION.get(op, op))):
                     raise
                 tried.add(member.conn.name)
-                if self._now() >= deadline or reissues >= self.policy.operations.max_reissues:
+                if getattr(exc, "signature_rejected", False):  # its answer failed the caller's check
+                    rejected.append(member.conn.name)
+                    if self._now() >= until or reissues >= self.policy.operations.max_reissues:
+                        raise self._none_served(op, mech, rejected) from exc
+                elif self._now() >= until or reissues >= self.policy.operations.max_reissues:
                     raise
                 reissues += 1
 
-    def _choose(self, tried: set[str]) -> _Member | None:
+    def _refuse_mechanism(self, op: str, mech: str) -> None:
+        """Raise at once when every member's token is known to lack ``mech``."""
+        lists = [m.conn.mechanisms for m in self._members]
+        if all(ms is not None and mech not in ms for ms in lists):
+            raise MechanismNotSupported(self.name, f"{op}: no member offers mechanism {mech} "
+                                        f"({', '.join(m.conn.name for m in self._members)} lack it)", mech)
+
+    def _none_served(self, op: str, mech: str | None, rejected: list[str]) -> HSMError:
+        """The error for a call no member could answer within the deadline."""
+        states = self._member_states()
+        others = ", ".join(f"{name} {state} {code.name if code else 'no code yet'}"
+                           for name, (state, code) in states.items() if name not in rejected)
+        if rejected:
+            return signature_rejected(self.name, f"{op}: the signature from {', '.join(rejected)} failed the "
+                                      f"caller's check and was not returned; no other member signed within the "
+                                      f"deadline ({others or 'no other member'})")
+        if mech is not None:
+            lacking = [m.conn.name for m in self._members
+                       if m.conn.serving and (ms := m.conn.mechanisms) is not None and mech not in ms]
+            if lacking:
+                return MechanismNotSupported(self.name, f"{op}: mechanism {mech} is offered by no member that "
+                                             f"serves ({', '.join(lacking)} lack it; {others})", mech)
+        return AllMembersDown(self.name, states)
+
+    def _choose(self, tried: set[str], mech: str | None = None) -> _Member | None:
         """The member for the next call: healthy actives first, degraded ones, then standbys."""
-        for group in self._groups(tried):
+        for group in self._groups(tried, mech):
             if group:
                 return self._pick(group)
         return None
 
-    def _groups(self, tried: set[str]) -> tuple[list[_Member], list[_Member], list[_Member]]:
+    def _groups(self, tried: set[str], mech: str | None = None) -> tuple[list[_Member], list[_Member], list[_Member]]:
         healthy, degraded, standby = [], [], []
+        version = self._key_version
         for m in self._members:
             c = m.conn
             if c.name in tried or not c.serving:
                 continue
+            if version and (m.mismatch is not None or m.checked_version != version
+                            or m.checked_generation != c._g.number):
+                continue  # a replica whose keys differ, or not yet checked in this generation
+            if mech is not None and (ms := c._last_mechanisms) is not None and mech not in ms:
+                continue  # the member's token lacks the mechanism
             if m.standby:
                 standby.append(m)
             elif c.state is State.DEGRADED:
@@ -308,8 +631,9 @@ class Pool:
             return min(group, key=lambda m: m.conn.inflight)
         return group[next(self._rr) % len(group)]
 
-    def _wait_for_a_member(self, deadline: float) -> bool:
-        """Wait, within the deadline, for any member to serve; False when the deadline has passed.
+    def _wait_for_a_member(self, deadline: float, mech: str | None = None, done: Iterable[str] = ()) -> bool:
+        """Wait, within the deadline, for a member to serve that may take the call (offers ``mech``,
+        passed its replica check, not in ``done``); False when the deadline has passed.
 
         In-call mode wakes every 50 ms to look again: there a member comes back
         only when a call asks it to, so waiting for the notification alone would
@@ -319,8 +643,10 @@ class Pool:
         if remaining <= 0:
             return False
         step = min(remaining, 0.05) if self.recovery_mode == "in_call" else remaining
+        skip = set(done)
         with self._changed:
-            self._changed.wait_for(lambda: any(m.conn.serving for m in self._members), timeout=step)
+            self._changed.wait_for(lambda: any(self._eligible(m, mech) and m.conn.name not in skip
+                                               for m in self._members), timeout=step)
         return True
 
     def _recover_in_call(self) -> None:
@@ -347,6 +673,9 @@ class Pool:
             if m is not None and record.dest in SERVING:
                 m.schedule.succeeded()
             self._changed.notify_all()
+            check = m is not None and record.event is Event.LOGIN_OK and bool(self._known)
+        if check and m is not None:
+            self._check_member(m)  # the replica check: here, with no lock held (module text)
 
 
     def _after_fork(self) -> None:
@@ -387,7 +716,8 @@ def format_status(pool: Pool) -> str:
             extra = f"   recovery {r.recovery_attempts}/{cap}{nxt}"
         role = ("  (standby)" if r.role == "standby" else "") + \
             ("  (host process)" if r.isolation == "process" else "")
-        lines.append(f"  {r.name:<{width}}   {r.state:<12} {code}{extra}{role}")
-    serving = sum(1 for r in rows if r.state in SERVING)
+        kept_out = f"   kept out: {r.error}" if r.error else ""
+        lines.append(f"  {r.name:<{width}}   {r.state:<12} {code}{extra}{role}{kept_out}")
+    serving = sum(1 for r in rows if r.state in SERVING and not r.error)
     lines.append(f"Status: serving on {serving} of {len(rows)} members")
     return "\n".join(lines)

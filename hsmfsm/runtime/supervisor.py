@@ -189,6 +189,7 @@ class Supervisor:
                     return
             token = self.watched(module.find_token, c.token_label)
             anchor = self.watched(module.open_session, token)
+            mechanisms = self._mechanisms(module, token)
         except ModuleError as exc:
             with c._lock:
                 c._failure = MemberUnavailable(c.name, str(exc))
@@ -202,7 +203,29 @@ class Supervisor:
             g = c._g
             g.token, g.anchor = token, anchor
             g.module, g.epoch = module, c._epoch
+            g.mechanisms = mechanisms
+            if mechanisms is not None:
+                c._last_mechanisms = mechanisms
             c._fire_if_legal(Event.SESSION_OPENED, None)
+
+    def _mechanisms(self, module: Any, token: Any) -> frozenset[str] | None:
+        """The token's mechanism list (C_GetMechanismList), read once per connect so that a call
+        for a mechanism the token lacks is refused (or, in a pool, sent elsewhere) up front.
+
+        A module that cannot say (no ``mechanisms``, or an error) leaves it unknown (None): calls
+        then go to the token, which answers for itself. A read the watchdog cut off fails the
+        attempt, as the open before it would."""
+        read = getattr(module, "mechanisms", None)
+        if read is None:
+            return None
+        try:
+            return frozenset(self.watched(read, token))
+        except ModuleCallError as exc:
+            if self.c._supervisor_slot.timed_out:
+                raise
+            log.info("%s: could not read the mechanism list [%s]; calls will not be routed by mechanism",
+                     self.c.name, exc.code)
+            return None
 
     def _attempt_failed(self, code: Code, why: str) -> None:
         c = self.c

@@ -25,11 +25,19 @@ was tested against:
 * ``fail()``, ``slow()``, ``logout_all()``: injected return codes, latency,
   and a token that logged everyone out.
 
+The token's keys are real software keys (``cryptography``), derived from the
+HSM's seed, so what it signs verifies with its public key
+(:meth:`ScriptedHSM.public_key`, or ``key_attributes`` as a module reads them):
+RSA_PKCS over a DigestInfo, RSA_PKCS_PSS over a digest with its parameters,
+ECDSA over a digest (``r||s``), EDDSA, and the hash-and-sign mechanisms. HSMs
+built with the same seed and keys are replicas; ``replace_key`` makes one that
+is not. ``mechanisms`` is what C_GetMechanismList answers.
+
 Failures raise :class:`~hsmfsm.core.errors.ModuleCallError` and nothing else;
 the calls whose contract returns a code (``initialize``, ``finalize``,
 ``close_session``, ``login``, ``session_state``) return it instead. Every call
-takes virtual time (``latency``, plus ``slow()``'s extra), is logged in
-:attr:`ScriptedHSM.calls` and counted (:meth:`ScriptedHSM.count`).
+takes virtual time (``latency``, plus ``slow()``'s extra; ``mechanisms`` none),
+is logged in :attr:`ScriptedHSM.calls` and counted (:meth:`ScriptedHSM.count`).
 
 All waiting goes through the clock's primitives (one condition per HSM), so
 the same classes also run on :data:`hsmfsm.runtime.clock.SYSTEM` in real time.
@@ -37,16 +45,26 @@ the same classes also run on :data:`hsmfsm.runtime.clock.SYSTEM` in real time.
 
 from __future__ import annotations
 
+import datetime
+import functools
 import hashlib
 import hmac
+import math
 import random
 from collections import Counter, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
+from cryptography.x509.oid import NameOID
+
 from ..core.codes import Code, code_from_name
 from ..core.errors import ModuleCallError
+from ..core.mechanisms import OAEPParams, PSSParams
 from ..runtime.edge import PRIVATE_KEY, PUBLIC_KEY, Clock, Condition, Thread
 
 __all__ = ["Call", "ScriptedHSM", "ScriptedKey", "ScriptedMechanism", "ScriptedModule", "ScriptedSession",
@@ -71,6 +89,8 @@ KEY_TYPE_INCONSISTENT = code_from_name("CKR_KEY_TYPE_INCONSISTENT")
 KEY_FUNCTION_NOT_PERMITTED = code_from_name("CKR_KEY_FUNCTION_NOT_PERMITTED")
 ENCRYPTED_DATA_INVALID = code_from_name("CKR_ENCRYPTED_DATA_INVALID")
 SIGNATURE_INVALID = code_from_name("CKR_SIGNATURE_INVALID")
+DATA_LEN_RANGE = code_from_name("CKR_DATA_LEN_RANGE")
+MECHANISM_PARAM_INVALID = code_from_name("CKR_MECHANISM_PARAM_INVALID")
 
 #: CKS_RW_PUBLIC_SESSION and CKS_RW_USER_FUNCTIONS: what session_state reports.
 CKS_RW_PUBLIC_SESSION, CKS_RW_USER_FUNCTIONS = 2, 3
@@ -80,6 +100,8 @@ FUNCTIONS = frozenset({
     "initialize", "finalize", "find_token", "open_session", "close_session", "login", "session_state",
     "token_info", "find_key", "sign", "verify", "decrypt", "generate_random", "generate_keypair",
 })
+#: ``fail()`` also scripts these, which scenario files do not name (hsmfsm.config.scenario_file).
+_SCRIPTABLE = FUNCTIONS | {"key_attributes", "mechanisms"}
 
 
 @dataclass(frozen=True)
@@ -94,7 +116,7 @@ class ScriptedMechanism:
 def _mechanisms() -> dict[str, ScriptedMechanism]:
     sign, decrypt, both = frozenset({"sign"}), frozenset({"decrypt"}), frozenset({"sign", "decrypt"})
     table = {"RSA_PKCS": ("RSA", both), "RSA_X_509": ("RSA", both), "RSA_PKCS_OAEP": ("RSA", decrypt),
-             "RSA_PKCS_PSS": ("RSA", sign), "ECDSA": ("EC", sign)}
+             "RSA_PKCS_PSS": ("RSA", sign), "ECDSA": ("EC", sign), "EDDSA": ("EC_EDWARDS", sign)}
     for h in ("SHA1", "SHA224", "SHA256", "SHA384", "SHA512"):
         table[f"{h}_RSA_PKCS"] = ("RSA", sign)
         table[f"{h}_RSA_PKCS_PSS"] = ("RSA", sign)
@@ -103,8 +125,12 @@ def _mechanisms() -> dict[str, ScriptedMechanism]:
 
 
 MECHANISMS: dict[str, ScriptedMechanism] = _mechanisms()
+#: Key type spellings accepted, and what they mean.
+_KEY_TYPES = {"RSA": "RSA", "EC": "EC", "ECDSA": "EC", "EC_EDWARDS": "EC_EDWARDS", "ED25519": "EC_EDWARDS",
+              "EDDSA": "EC_EDWARDS"}
 #: What a ``None`` mechanism means, as python-pkcs11's defaults.
-_DEFAULT_SIGN = {"RSA": MECHANISMS["SHA512_RSA_PKCS"], "EC": MECHANISMS["ECDSA_SHA512"]}
+_DEFAULT_SIGN = {"RSA": MECHANISMS["SHA512_RSA_PKCS"], "EC": MECHANISMS["ECDSA_SHA512"],
+                 "EC_EDWARDS": MECHANISMS["EDDSA"]}
 _DEFAULT_DECRYPT = {"RSA": MECHANISMS["RSA_PKCS_OAEP"]}
 _CIPHERTEXT_MAGIC = b"SCRIPTED1"
 
@@ -118,12 +144,53 @@ class Call(NamedTuple):
     outcome: str
 
 
-@dataclass
+@dataclass(eq=False)
 class _KeyPair:
+    """A key pair on the token: a private object, its public object (unless ``public`` is False) and,
+    if asked for, a self-signed certificate with the same CKA_ID. The key material is derived from
+    ``secret`` when first used (an RSA key takes a moment to derive), the same for the same secret."""
+
     label: str
-    key_type: str
+    key_type: str  # RSA, EC or EC_EDWARDS
     bits: int
     secret: bytes = field(repr=False)
+    key_id: bytes = b""
+    public: bool = True
+    certificate: bool = False
+    serial: int = 0  # the key's place on the token: part of what its material is derived from
+    #: Signatures by (mechanism, data, param) for the deterministic mechanisms, and verdicts of
+    #: verify_signature: the simulator signs and checks the same digest thousands of times.
+    _signed: dict[tuple[str, bytes, Any], bytes] = field(default_factory=dict, repr=False)
+    _verified: dict[tuple[str, bytes, bytes, Any], bool] = field(default_factory=dict, repr=False)
+
+    @property
+    def private(self) -> Any:
+        return _private_key(self.key_type, self.bits, self.secret)
+
+    @property
+    def public_key(self) -> Any:
+        return self.private.public_key()
+
+    def attributes(self) -> dict[str, Any]:
+        """What a module reads from the public key object (hsmfsm.keys.public_key_from_attributes's input)."""
+        out: dict[str, Any] = {"key_type": self.key_type, "label": self.label, "id": self.key_id}
+        public = self.public_key
+        if self.key_type == "RSA":
+            numbers = public.public_numbers()
+            out["modulus"] = _int_bytes(numbers.n)
+            out["public_exponent"] = _int_bytes(numbers.e)
+        elif self.key_type == "EC":
+            out["ec_params"] = _der_oid(_CURVE_OIDS[public.curve.name])
+            out["ec_point"] = _der_octets(public.public_bytes(serialization.Encoding.X962,
+                                                              serialization.PublicFormat.UncompressedPoint))
+        else:
+            out["ec_params"] = _der_oid(_ED25519_OID)
+            out["ec_point"] = _der_octets(public.public_bytes(serialization.Encoding.Raw,
+                                                              serialization.PublicFormat.Raw))
+        return out
+
+    def certificate_der(self) -> bytes:
+        return _certificate(self.key_type, self.bits, self.secret, self.label)
 
 
 @dataclass(frozen=True)
@@ -162,12 +229,325 @@ class _Fault:
     remaining: int | None
 
 
-def _secret(seed: int, label: str, serial: int) -> bytes:
-    return hashlib.sha256(f"hsmfsm-scripted/{seed}/{label}/{serial}".encode()).digest()
+def _secret(seed: int, label: str, serial: int, variant: int = 0) -> bytes:
+    extra = f"/{variant}" if variant else ""
+    return hashlib.sha256(f"hsmfsm-scripted/{seed}/{label}/{serial}{extra}".encode()).digest()
 
 
-def _signature(secret: bytes, mechanism: str, data: bytes) -> bytes:
-    return hmac.new(secret, mechanism.encode() + b"\0" + data, hashlib.sha256).digest()
+# -- software keys, derived from a secret ---------------------------------------------------------
+#
+# The scripted token signs with real keys, so that what it returns verifies with its real public
+# key (and with hsmfsm.keys' checks). Keys are derived from the HSM's seed, the label and the
+# key's serial on the token: replicas built with the same seed hold the same keys, and runs are
+# reproducible. cryptography cannot generate an RSA key from a seed, so the primes are found here.
+
+_SMALL_PRIMES = [p for p in range(3, 2000, 2) if all(p % q for q in range(3, int(p ** 0.5) + 1, 2))]
+_SMALL_PRODUCT = functools.reduce(lambda a, b: a * b, _SMALL_PRIMES)
+_CURVES: dict[int, ec.EllipticCurve] = {256: ec.SECP256R1(), 384: ec.SECP384R1(), 521: ec.SECP521R1()}
+_CURVE_OIDS = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34", "secp521r1": "1.3.132.0.35"}
+_ED25519_OID = "1.3.101.112"
+_HASHES: dict[str, type[hashes.HashAlgorithm]] = {
+    "SHA1": hashes.SHA1, "SHA224": hashes.SHA224, "SHA256": hashes.SHA256, "SHA384": hashes.SHA384,
+    "SHA512": hashes.SHA512}
+_DIGEST_SIZES: dict[str, int] = {"SHA1": 20, "SHA224": 28, "SHA256": 32, "SHA384": 48, "SHA512": 64}
+_HASH_BY_SIZE: dict[int, str] = {size: name for name, size in _DIGEST_SIZES.items()}
+#: DigestInfo prefixes (RFC 8017 9.2 note 1): CKM_RSA_PKCS signs DigestInfo || digest.
+_DIGEST_INFO: dict[bytes, str] = {
+    bytes.fromhex("3021300906052b0e03021a05000414"): "SHA1",
+    bytes.fromhex("302d300d06096086480165030402040500041c"): "SHA224",
+    bytes.fromhex("3031300d060960864801650304020105000420"): "SHA256",
+    bytes.fromhex("3041300d060960864801650304020205000430"): "SHA384",
+    bytes.fromhex("3051300d060960864801650304020305000440"): "SHA512",
+}
+#: cryptography >= 44 signs ECDSA deterministically (RFC 6979) when asked: reproducible runs.
+try:
+    ec.ECDSA(hashes.SHA256(), deterministic_signing=True)  # type: ignore[call-arg, unused-ignore]
+    _DETERMINISTIC: dict[str, Any] = {"deterministic_signing": True}
+except TypeError:  # pragma: no cover - older cryptography
+    _DETERMINISTIC = {}
+#: Mechanisms whose signatures are a function of key and data (cached per key pair).
+_DETERMINISTIC_MECHANISMS = frozenset(
+    {"RSA_PKCS", "RSA_X_509", "EDDSA", *(f"{h}_RSA_PKCS" for h in _HASHES)}
+    | ({"ECDSA", *(f"ECDSA_{h}" for h in _HASHES)} if _DETERMINISTIC else set()))
+_CACHE_LIMIT = 4096
+
+
+def _is_probable_prime(n: int, rng: random.Random) -> bool:
+    """For the large odd candidates of :func:`_prime`, which have no factor below 2000."""
+    if pow(2, n - 1, n) != 1:  # Fermat, base 2: throws out nearly every composite at one exponentiation
+        return False
+    d, r = n - 1, 0
+    while d % 2 == 0:
+        d, r = d // 2, r + 1
+    for _ in range(8):  # Miller-Rabin on what is left
+        x = pow(rng.randrange(2, n - 2), d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(r - 1):
+            x = pow(x, 2, n)
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def _prime(bits: int, rng: random.Random, e: int) -> int:
+    while True:
+        candidate = rng.getrandbits(bits) | (3 << (bits - 2)) | 1  # top two bits: n has exactly 2*bits bits
+        if math.gcd(candidate, _SMALL_PRODUCT) == 1 and candidate % e != 1 and _is_probable_prime(candidate, rng):
+            return candidate
+
+
+@functools.lru_cache(maxsize=256)
+def _private_key(key_type: str, bits: int, secret: bytes) -> Any:
+    """The software private key a secret stands for (cached: an RSA key takes a fraction of a second)."""
+    if key_type == "RSA":
+        rng = random.Random(hashlib.sha512(b"rsa/" + secret).digest())
+        e = 65537
+        while True:
+            p, q = _prime(bits // 2, rng, e), _prime(bits - bits // 2, rng, e)
+            if p != q:
+                break
+        p, q = max(p, q), min(p, q)
+        d = pow(e, -1, (p - 1) * (q - 1))
+        return rsa.RSAPrivateNumbers(p, q, d, rsa.rsa_crt_dmp1(d, p), rsa.rsa_crt_dmq1(d, q),
+                                     rsa.rsa_crt_iqmp(p, q), rsa.RSAPublicNumbers(e, p * q)).private_key()
+    if key_type == "EC":
+        curve = _CURVES[bits]
+        value = int.from_bytes(hashlib.shake_256(b"ec/" + secret).digest(bits // 8 + 8), "big")
+        return ec.derive_private_key(value % (1 << (curve.key_size - 1)) + 1, curve)
+    return ed25519.Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"ed25519/" + secret).digest())
+
+
+@functools.lru_cache(maxsize=64)
+def _certificate(key_type: str, bits: int, secret: bytes, label: str) -> bytes:
+    """A self-signed certificate for the key (DER), for tokens that hold a certificate instead of a public key."""
+    key = _private_key(key_type, bits, secret)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, label or "scripted")])
+    start = datetime.datetime(2026, 1, 1, tzinfo=datetime.timezone.utc)  # noqa: UP017 - Python 3.11 has UTC too
+    builder = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+               .serial_number(int.from_bytes(hashlib.sha256(b"serial/" + secret).digest()[:8], "big") | 1)
+               .not_valid_before(start).not_valid_after(start + datetime.timedelta(days=3650)))
+    algorithm = None if key_type == "EC_EDWARDS" else hashes.SHA256()
+    return builder.sign(key, algorithm).public_bytes(serialization.Encoding.DER)
+
+
+def _int_bytes(value: int) -> bytes:
+    return value.to_bytes((value.bit_length() + 7) // 8 or 1, "big")
+
+
+def _der_length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes([n])
+    body = _int_bytes(n)
+    return bytes([0x80 | len(body)]) + body
+
+
+def _der_octets(data: bytes) -> bytes:
+    return b"\x04" + _der_length(len(data)) + data
+
+
+def _der_oid(dotted: str) -> bytes:
+    parts = [int(x) for x in dotted.split(".")]
+    body = bytearray([40 * parts[0] + parts[1]])
+    for part in parts[2:]:
+        chunk = [part & 0x7F]
+        part >>= 7
+        while part:
+            chunk.append(0x80 | (part & 0x7F))
+            part >>= 7
+        body += bytes(reversed(chunk))
+    return b"\x06" + _der_length(len(body)) + bytes(body)
+
+
+class _Refusal(ValueError):
+    """Data or parameters the token refuses for a mechanism, with the code it answers."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _hash_name(value: Any) -> str:
+    """A hash named as PKCS#11 (SHA256), python-pkcs11 (Mechanism.SHA_1, MGF.SHA256) or cryptography spells it."""
+    name = value if isinstance(value, str) else getattr(value, "name", None)
+    if not isinstance(name, str):
+        raise _Refusal(MECHANISM_PARAM_INVALID, f"not a hash: {value!r}")
+    name = name.upper().removeprefix("CKM_").removeprefix("CKG_MGF1_").replace("-", "").replace("_", "")
+    if name not in _HASHES:
+        raise _Refusal(MECHANISM_PARAM_INVALID, f"unknown hash {value!r}")
+    return name
+
+
+def _pss_params(param: Any, mech_hash: str | None, digest_size: int | None, key: Any) -> tuple[str, str, int | Any]:
+    """(hash, mgf hash, salt length) from PSSParams, a python-pkcs11 tuple, or the defaults."""
+    if isinstance(param, PSSParams):
+        return _hash_name(param.hash), _hash_name(param.mgf), param.salt_length
+    if isinstance(param, tuple) and len(param) == 3:
+        return _hash_name(param[0]), _hash_name(param[1]), int(param[2])
+    if param is not None:
+        raise _Refusal(MECHANISM_PARAM_INVALID, f"not PSS parameters: {param!r}")
+    name = mech_hash or _HASH_BY_SIZE.get(digest_size or 0)
+    if name is None:
+        raise _Refusal(DATA_LEN_RANGE, f"no PSS parameters, and {digest_size} bytes are no digest")
+    return name, name, _DIGEST_SIZES[name]
+
+
+def _oaep(param: Any) -> padding.OAEP:
+    if param is None:  # python-pkcs11's default: SHA-1, MGF1 SHA-1, no label
+        h, mgf, label = "SHA1", "SHA1", None
+    elif isinstance(param, OAEPParams):
+        h, mgf, label = _hash_name(param.hash), _hash_name(param.mgf), param.label
+    elif isinstance(param, tuple) and len(param) == 3:
+        h, mgf, label = _hash_name(param[0]), _hash_name(param[1]), param[2]
+    else:
+        raise _Refusal(MECHANISM_PARAM_INVALID, f"not OAEP parameters: {param!r}")
+    return padding.OAEP(padding.MGF1(_HASHES[mgf]()), _HASHES[h](), label)
+
+
+def _ecdsa_digest(data: bytes, curve: ec.EllipticCurve) -> tuple[bytes, hashes.HashAlgorithm]:
+    """CKM_ECDSA signs any hash value: as ECDSA, the leftmost bits of ``data`` up to the order's
+    size (a short value is a small number: zeros in front). Returned as a digest of a hash of that size."""
+    size = (curve.key_size + 7) // 8
+    name = _HASH_BY_SIZE.get(size) or "SHA512"
+    size = _DIGEST_SIZES[name]
+    block = data[:size] if len(data) >= size else bytes(size - len(data)) + data
+    return block, _HASHES[name]()
+
+
+def _rsa_raw(key: Any, block: bytes) -> bytes:
+    """m^d mod n of a block as long as the modulus (CKM_RSA_X_509, and CKM_RSA_PKCS over other data)."""
+    numbers = key.private_numbers()
+    n, size = numbers.public_numbers.n, (key.key_size + 7) // 8
+    m = int.from_bytes(block, "big")
+    if len(block) > size or m >= n:
+        raise _Refusal(DATA_LEN_RANGE, f"{len(block)} bytes: too long for the key")
+    mp, mq = pow(m, numbers.dmp1, numbers.p), pow(m, numbers.dmq1, numbers.q)
+    s: int = mq + numbers.q * ((numbers.iqmp * (mp - mq)) % numbers.p)
+    return s.to_bytes(size, "big")
+
+
+def _pkcs1_block(data: bytes, size: int) -> bytes:
+    if len(data) > size - 11:
+        raise _Refusal(DATA_LEN_RANGE, f"{len(data)} bytes: too long for PKCS#1 v1.5 with this key")
+    return b"\x00\x01" + b"\xff" * (size - 3 - len(data)) + b"\x00" + data
+
+
+def _soft_sign(pair: _KeyPair, mech: str, data: bytes, param: Any) -> bytes:
+    """What the token returns for ``mech`` over ``data``; ValueError for data or parameters it refuses."""
+    cacheable = mech in _DETERMINISTIC_MECHANISMS
+    if cacheable:
+        cache_key = (mech, data, param)
+        found = pair._signed.get(cache_key)
+        if found is not None:
+            return found
+    key = pair.private
+    if pair.key_type == "RSA":
+        size = (key.key_size + 7) // 8
+        if mech == "RSA_PKCS":
+            for prefix, name in _DIGEST_INFO.items():
+                if data.startswith(prefix) and len(data) == len(prefix) + _DIGEST_SIZES[name]:
+                    signature = key.sign(data[len(prefix):], padding.PKCS1v15(), utils.Prehashed(_HASHES[name]()))
+                    break
+            else:
+                signature = _rsa_raw(key, _pkcs1_block(data, size))
+        elif mech == "RSA_X_509":
+            signature = _rsa_raw(key, bytes(max(0, size - len(data))) + data)
+        elif mech == "RSA_PKCS_PSS":
+            h, mgf, salt = _pss_params(param, None, len(data), key)
+            if len(data) != _DIGEST_SIZES[h]:
+                raise _Refusal(DATA_LEN_RANGE, f"RSA_PKCS_PSS over {len(data)} bytes: not a {h} digest")
+            signature = key.sign(data, padding.PSS(padding.MGF1(_HASHES[mgf]()), salt),
+                                 utils.Prehashed(_HASHES[h]()))
+        elif mech.endswith("_RSA_PKCS_PSS"):
+            h, mgf, salt = _pss_params(param, mech.removesuffix("_RSA_PKCS_PSS"), None, key)
+            signature = key.sign(data, padding.PSS(padding.MGF1(_HASHES[mgf]()), salt), _HASHES[h]())
+        else:
+            signature = key.sign(data, padding.PKCS1v15(), _HASHES[mech.removesuffix("_RSA_PKCS")]())
+    elif pair.key_type == "EC":
+        if mech == "ECDSA":
+            digest, algorithm = _ecdsa_digest(data, key.curve)
+            der = key.sign(digest, ec.ECDSA(utils.Prehashed(algorithm), **_DETERMINISTIC))
+        else:
+            der = key.sign(data, ec.ECDSA(_HASHES[mech.removeprefix("ECDSA_")](), **_DETERMINISTIC))
+        r, s = utils.decode_dss_signature(der)
+        size = (key.curve.key_size + 7) // 8
+        signature = r.to_bytes(size, "big") + s.to_bytes(size, "big")
+    else:
+        signature = key.sign(data)
+    if cacheable:
+        if len(pair._signed) >= _CACHE_LIMIT:
+            pair._signed.clear()
+        pair._signed[cache_key] = signature
+    return bytes(signature)
+
+
+def _soft_verify(pair: _KeyPair, mech: str, data: bytes, signature: bytes, param: Any) -> bool:
+    """Whether ``signature`` is a valid ``mech`` signature of ``data`` by the pair's key."""
+    cache_key = (mech, data, signature, param)
+    found = pair._verified.get(cache_key)
+    if found is not None:
+        return found
+    try:
+        _verify_or_raise(pair, mech, data, signature, param)
+        ok = True
+    except (InvalidSignature, ValueError, TypeError, KeyError):
+        ok = False
+    if len(pair._verified) >= _CACHE_LIMIT:
+        pair._verified.clear()
+    pair._verified[cache_key] = ok
+    return ok
+
+
+def _verify_or_raise(pair: _KeyPair, mech: str, data: bytes, signature: bytes, param: Any) -> None:
+    public = pair.public_key
+    if pair.key_type == "RSA":
+        size = (public.key_size + 7) // 8
+        if mech in ("RSA_PKCS", "RSA_X_509"):
+            if len(signature) != size:
+                raise InvalidSignature()
+            numbers = public.public_numbers()
+            recovered = pow(int.from_bytes(signature, "big"), numbers.e, numbers.n).to_bytes(size, "big")
+            expected = _pkcs1_block(data, size) if mech == "RSA_PKCS" else bytes(max(0, size - len(data))) + data
+            if not hmac.compare_digest(recovered, expected):
+                raise InvalidSignature()
+        elif mech == "RSA_PKCS_PSS":
+            h, mgf, salt = _pss_params(param, None, len(data), public)
+            salt = salt if param is not None else padding.PSS.AUTO
+            public.verify(signature, data, padding.PSS(padding.MGF1(_HASHES[mgf]()), salt),
+                          utils.Prehashed(_HASHES[h]()))
+        elif mech.endswith("_RSA_PKCS_PSS"):
+            h, mgf, salt = _pss_params(param, mech.removesuffix("_RSA_PKCS_PSS"), None, public)
+            salt = salt if param is not None else padding.PSS.AUTO
+            public.verify(signature, data, padding.PSS(padding.MGF1(_HASHES[mgf]()), salt), _HASHES[h]())
+        else:
+            public.verify(signature, data, padding.PKCS1v15(), _HASHES[mech.removesuffix("_RSA_PKCS")]())
+    elif pair.key_type == "EC":
+        size = (public.curve.key_size + 7) // 8
+        if len(signature) != 2 * size:
+            raise InvalidSignature()
+        der = utils.encode_dss_signature(int.from_bytes(signature[:size], "big"),
+                                         int.from_bytes(signature[size:], "big"))
+        if mech == "ECDSA":
+            digest, algorithm = _ecdsa_digest(data, public.curve)
+            public.verify(der, digest, ec.ECDSA(utils.Prehashed(algorithm)))
+        else:
+            public.verify(der, data, ec.ECDSA(_HASHES[mech.removeprefix("ECDSA_")]()))
+    else:
+        public.verify(signature, data)
+
+
+def _soft_decrypt(pair: _KeyPair, mech: str, data: bytes, param: Any) -> bytes:
+    key = pair.private
+    if mech == "RSA_PKCS_OAEP":
+        return bytes(key.decrypt(data, _oaep(param)))
+    if mech == "RSA_PKCS":
+        return bytes(key.decrypt(data, padding.PKCS1v15()))
+    size = (key.key_size + 7) // 8
+    if len(data) != size:
+        raise _Refusal(ENCRYPTED_DATA_INVALID, "RSA_X_509 ciphertext of the wrong length")
+    return _rsa_raw(key, data)
 
 
 def _keystream(secret: bytes, n: int) -> bytes:
@@ -178,8 +558,16 @@ def _keystream(secret: bytes, n: int) -> bytes:
 class ScriptedHSM:
     """A token behind a network link, with scripted failures.
 
-    ``keys`` maps key labels to key types (``"RSA"`` or ``"EC"``); each label is a
-    key pair (a private and a public object). ``pin_retries``: after that many
+    ``keys`` maps key labels to key types (``"RSA"``: 2048 bits, ``"EC"``: P-256,
+    ``"EC_EDWARDS"`` or ``"ED25519"``); each label is a key pair (a private and a
+    public object) of real software keys derived from ``seed``, the label and the
+    order the keys were added in: HSMs made with the same seed and keys are
+    replicas (the same key material), and signatures verify with
+    :meth:`public_key`. :meth:`add_key` adds keys with a CKA_ID, without a public
+    object, or with a certificate; :meth:`replace_key` gives one HSM another key
+    under the same label. ``mechanisms``: the mechanism names the token offers
+    (C_GetMechanismList; default: every mechanism the scripted module knows);
+    :attr:`mechanisms` may be changed later. ``pin_retries``: after that many
     wrong PINs in a row the PIN is locked (CKR_PIN_LOCKED); None never locks.
     ``clock`` is needed only for :meth:`at` before any module is attached (a
     module attaches its own clock).
@@ -187,7 +575,7 @@ class ScriptedHSM:
 
     def __init__(self, label: str = "token", pin: str = "1234", *, keys: Mapping[str, str] | None = None,
                  seed: int = 0, latency: float = 0.0005, slot: int = 1, pin_retries: int | None = None,
-                 clock: Clock | None = None) -> None:
+                 mechanisms: Iterable[str] | None = None, clock: Clock | None = None) -> None:
         self.label, self.slot, self.seed = label, slot, seed
         self._pin = pin
         #: Virtual seconds every call takes (plus :meth:`slow`'s extra).
@@ -199,6 +587,10 @@ class ScriptedHSM:
         self._keys: list[_KeyPair] = []
         for key_label, key_type in (keys if keys is not None else {"rsa": "RSA", "ec": "EC"}).items():
             self.add_key(key_label, key_type)
+        #: What C_GetMechanismList answers (names without CKM_); a call with another mechanism
+        #: fails with CKR_MECHANISM_INVALID.
+        self.mechanisms: frozenset[str] = (frozenset(MECHANISMS) if mechanisms is None
+                                           else frozenset(m.removeprefix("CKM_") for m in mechanisms))
         self._state = "up"
         #: Bumped when the link drops (down, restart): instances connected before are broken.
         self._link = 1
@@ -259,8 +651,8 @@ class ScriptedHSM:
     def fail(self, function: str, code_name: str, times: int | None = 1) -> None:
         """The next ``times`` calls of ``function`` that reach the HSM fail with ``code_name``
         (``times=None``: until :meth:`clear_faults`). Functions returning a code return it."""
-        if function not in FUNCTIONS:
-            raise ValueError(f"fail(): {function!r} is not a module call ({', '.join(sorted(FUNCTIONS))})")
+        if function not in _SCRIPTABLE:
+            raise ValueError(f"fail(): {function!r} is not a module call ({', '.join(sorted(_SCRIPTABLE))})")
         code = code_from_name(code_name)
         if code == OK:
             raise ValueError("fail() needs an error code, not CKR_OK")
@@ -287,9 +679,33 @@ class ScriptedHSM:
         name = action if isinstance(action, str) else getattr(action, "__name__", "action")
         return clock.start_thread(scheduled, f"{self.label}-at-{t:g}-{name}")
 
-    def add_key(self, label: str, key_type: str = "RSA", bits: int = 2048) -> None:
-        """Put a key pair on the token (as provisioning would)."""
-        self._keys.append(self._new_pair(label, key_type, bits))
+    def add_key(self, label: str, key_type: str = "RSA", bits: int | None = None, *, key_id: bytes | None = None,
+                public: bool = True, certificate: bool = False) -> None:
+        """Put a key pair on the token (as provisioning would). ``bits``: RSA 2048, EC 256 (P-256; 384 and 521
+        too) by default. ``key_id``: its CKA_ID (default: derived like the key, so replicas agree).
+        ``public=False``: no public key object (the public key is then read from the private key's
+        attributes for RSA, or from the certificate); ``certificate``: a self-signed certificate
+        with the same CKA_ID is on the token too."""
+        self._keys.append(self._new_pair(label, key_type, bits, key_id=key_id, public=public,
+                                         certificate=certificate))
+
+    def replace_key(self, label: str, *, variant: int = 1) -> None:
+        """Give every key labelled ``label`` other key material (same type, size, CKA_ID and objects):
+        a replica that is not one. ``variant`` 0 gives back the original material."""
+        pairs = self._pairs(label)
+        if not pairs:
+            raise KeyError(f"no key labelled {label!r} on {self.label}")
+        for pair in pairs:
+            pair.secret = _secret(self.seed, pair.label, pair.serial, variant)
+            pair._signed.clear()
+            pair._verified.clear()
+
+    def public_key(self, label: str, key_id: bytes | None = None) -> Any:
+        """The cryptography public key of the key labelled ``label`` (and with that CKA_ID, if given)."""
+        pairs = self._match(label, key_id)
+        if not pairs:
+            raise KeyError(f"no key labelled {label!r} on {self.label}")
+        return pairs[0].public_key
 
     # -- checking what the token did --------------------------------------------------
 
@@ -299,16 +715,23 @@ class ScriptedHSM:
             return self.counts[function]
         return sum(1 for c in self.calls if c.function == function and c.outcome == outcome)
 
-    def verify_signature(self, label: str, data: bytes, signature: bytes, mechanism: Any = None) -> bool:
-        """Whether ``signature`` is the token's signature of ``data`` by the key labelled ``label``."""
+    def verify_signature(self, label: str, data: bytes, signature: bytes, mechanism: Any = None,
+                         param: Any = None) -> bool:
+        """Whether ``signature`` is a valid signature of ``data`` by the key labelled ``label``, verified
+        with that key's public key as ``mechanism`` (and its parameters: PSSParams; none: PSS salt of any
+        length) defines it. A mechanism of another key type never verifies."""
+        mech = _mechanism_value(mechanism)
         for pair in self._pairs(label):
-            mech = _mechanism_value(mechanism) or _DEFAULT_SIGN.get(pair.key_type)
-            if mech is not None and hmac.compare_digest(_signature(pair.secret, mech.name, data), signature):
+            m = mech or _DEFAULT_SIGN.get(pair.key_type)
+            if m is not None and m.key_type == pair.key_type and _soft_verify(pair, m.name, bytes(data),
+                                                                               bytes(signature), param):
                 return True
         return False
 
     def encrypt(self, label: str, plaintext: bytes) -> bytes:
-        """``plaintext`` encrypted to the key labelled ``label`` (what its ``decrypt`` turns back)."""
+        """``plaintext`` encrypted to the key labelled ``label`` (what its ``decrypt`` turns back, with any
+        mechanism): a scripted ciphertext, quick for the simulator. For a real RSA ciphertext, encrypt
+        with :meth:`public_key`; ``decrypt`` takes those too."""
         pairs = self._pairs(label)
         if not pairs:
             raise KeyError(f"no key labelled {label!r} on {self.label}")
@@ -349,15 +772,29 @@ class ScriptedHSM:
         if drop or logout:
             self._logins.clear()
 
-    def _new_pair(self, label: str, key_type: str, bits: int) -> _KeyPair:
-        kt = key_type.upper()
-        if kt not in ("RSA", "EC"):
-            raise ValueError(f"key type {key_type!r}: RSA or EC")
+    def _new_pair(self, label: str, key_type: str, bits: int | None, *, key_id: bytes | None = None,
+                  public: bool = True, certificate: bool = False) -> _KeyPair:
+        kt = _KEY_TYPES.get(key_type.upper().removeprefix("CKK_"))
+        if kt is None:
+            raise ValueError(f"key type {key_type!r}: RSA, EC or EC_EDWARDS (ED25519)")
+        if bits is None or kt == "EC_EDWARDS":
+            bits = {"RSA": 2048, "EC": 256, "EC_EDWARDS": 256}[kt]
+        if kt == "EC" and bits not in _CURVES:
+            raise ValueError(f"EC keys of {bits} bits: {', '.join(map(str, _CURVES))}")
+        if kt == "RSA" and not 512 <= bits <= 8192:
+            raise ValueError(f"RSA keys of {bits} bits: 512 to 8192")
         self._serial += 1
-        return _KeyPair(label, kt, bits, _secret(self.seed, label, self._serial))
+        secret = _secret(self.seed, label, self._serial)
+        if key_id is None:
+            key_id = hashlib.sha256(b"id/" + secret).digest()[:8]
+        return _KeyPair(label, kt, bits, secret, bytes(key_id), public, certificate, self._serial)
 
     def _pairs(self, label: str) -> list[_KeyPair]:
         return [pair for pair in self._keys if pair.label == label]
+
+    def _match(self, label: str | None, key_id: bytes | None) -> list[_KeyPair]:
+        return [pair for pair in self._keys
+                if (label is None or pair.label == label) and (key_id is None or pair.key_id == key_id)]
 
     def _take_fault(self, function: str) -> Code | None:
         queue = self._faults.get(function)
@@ -373,6 +810,12 @@ class ScriptedHSM:
     def _record(self, now: float, instance: str, function: str, outcome: str) -> None:
         self.calls.append(Call(now, instance, function, outcome))
         self.counts[function] += 1
+
+
+def _lookup(label: str | None, key_id: bytes | None) -> str:
+    """A key lookup as messages name it (hsmfsm.keys.KeyRef's spelling)."""
+    parts = ([f"label {label!r}"] if label is not None else []) + ([f"id {key_id.hex()}"] if key_id is not None else [])
+    return " and ".join(parts) or "any key"
 
 
 def _mechanism_value(mechanism: Any) -> ScriptedMechanism | None:
@@ -561,22 +1004,56 @@ class ScriptedModule:
 
     # -- keys and operations ---------------------------------------------------------------------
 
-    def find_key(self, session: Any, label: str, kind: str) -> Any:
+    def find_key(self, session: Any, label: str | None, kind: str, key_id: bytes | None = None) -> Any:
+        """Exactly one key of ``kind`` with that label and/or CKA_ID (None: any)."""
         if kind not in (PRIVATE_KEY, PUBLIC_KEY):
             raise ValueError(f"key kind {kind!r}: {PRIVATE_KEY!r} or {PUBLIC_KEY!r}")
 
         def op() -> ScriptedKey:
             s = self._check_session(session)
             # Private objects are invisible to a session that is not logged in.
-            pairs = [] if kind == PRIVATE_KEY and not self.logged_in else self.hsm._pairs(label)
+            if kind == PRIVATE_KEY and not self.logged_in:
+                pairs = []
+            else:
+                pairs = [p for p in self.hsm._match(label, key_id) if kind == PRIVATE_KEY or p.public]
+            lookup = _lookup(label, key_id)
             if not pairs:
-                raise ModuleCallError(NO_SUCH_KEY, f"{self.name}: no {kind} key labelled {label!r}")
+                raise ModuleCallError(NO_SUCH_KEY, f"{self.name}: no {kind} key with {lookup}")
             if len(pairs) > 1:
-                raise ModuleCallError(MULTIPLE_OBJECTS, f"{self.name}: {len(pairs)} {kind} keys labelled {label!r}")
+                found = ", ".join(f"label {p.label!r} id {p.key_id.hex() or '(none)'}" for p in pairs)
+                raise ModuleCallError(MULTIPLE_OBJECTS,
+                                      f"{self.name}: {len(pairs)} {kind} keys match {lookup}: {found}")
             pair = pairs[0]
             return ScriptedKey(pair.label, kind, pair.key_type, s, pair)
 
         return self._run("find_key", op)
+
+    def key_attributes(self, session: Any, key: Any) -> dict[str, Any]:
+        """The public key's attributes: from the public key object, else the RSA private key's own,
+        else the certificate with the same CKA_ID (``{"certificate": der}``)."""
+        def op() -> dict[str, Any]:
+            self._check_session(session)
+            if not isinstance(key, ScriptedKey):
+                raise ModuleCallError(code_from_name("CKR_OBJECT_HANDLE_INVALID"), f"{self.name}: not a key: {key!r}")
+            self._check_session(key.session)
+            pair = key.pair
+            if pair.public or pair.key_type == "RSA":
+                return pair.attributes()
+            if pair.certificate:
+                return {"certificate": pair.certificate_der(), "label": pair.label, "id": pair.key_id}
+            raise ModuleCallError(NO_SUCH_KEY, f"{self.name}: no public key object, readable private key "
+                                  f"attributes or certificate for {_lookup(pair.label, pair.key_id)}")
+
+        return self._run("key_attributes", op)
+
+    def mechanisms(self, token: Any) -> frozenset[str]:
+        """C_GetMechanismList. Takes no virtual time: it is read once per connect, and a round trip
+        there would move every scripted timeline; the link and scripted faults apply as to any call."""
+        def op() -> frozenset[str]:
+            self._check_token(token)
+            return frozenset(self.hsm.mechanisms)
+
+        return self._run("mechanisms", op, timed=False)
 
     def mechanism(self, mechanism: Any) -> Any:
         return _mechanism_value(mechanism)
@@ -584,26 +1061,37 @@ class ScriptedModule:
     def sign(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
         def op() -> bytes:
             k, mech = self._check_key(key, PRIVATE_KEY, mechanism, "sign")
-            return _signature(k.pair.secret, mech.name, bytes(data))
+            try:
+                return _soft_sign(k.pair, mech.name, bytes(data), param)
+            except (ValueError, TypeError, KeyError) as exc:
+                raise self._refused(mech, param, exc) from None
 
         return self._run("sign", op)
 
     def verify(self, key: Any, data: bytes, signature: bytes, mechanism: Any, param: Any) -> bool:
         def op() -> bool:
             k, mech = self._check_key(key, PUBLIC_KEY, mechanism, "sign")
-            return hmac.compare_digest(_signature(k.pair.secret, mech.name, bytes(data)), bytes(signature))
+            return _soft_verify(k.pair, mech.name, bytes(data), bytes(signature), param)
 
         return self._run("verify", op, outcome=lambda ok: "CKR_OK" if ok else SIGNATURE_INVALID.name)
 
     def decrypt(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
+        """:meth:`ScriptedHSM.encrypt`'s ciphertexts (quick, for the simulator), or real RSA ciphertexts
+        made with :meth:`ScriptedHSM.public_key` (OAEP with OAEPParams, PKCS#1 v1.5, raw)."""
         def op() -> bytes:
-            k, _ = self._check_key(key, PRIVATE_KEY, mechanism, "decrypt")
+            k, mech = self._check_key(key, PRIVATE_KEY, mechanism, "decrypt")
             blob = bytes(data)
+            if not blob.startswith(_CIPHERTEXT_MAGIC):
+                try:
+                    return _soft_decrypt(k.pair, mech.name, blob, param)
+                except (ValueError, TypeError, KeyError):
+                    raise ModuleCallError(ENCRYPTED_DATA_INVALID, f"{self.name}: not a ciphertext of {k.label!r}") \
+                        from None
             head = len(_CIPHERTEXT_MAGIC)
             secret = k.pair.secret
             plain = bytes(a ^ b for a, b in zip(blob[head + 16:], _keystream(secret, len(blob) - head - 16)))
             tag = hmac.new(secret, b"tag" + plain, hashlib.sha256).digest()[:16]
-            if not blob.startswith(_CIPHERTEXT_MAGIC) or not hmac.compare_digest(tag, blob[head:head + 16]):
+            if not hmac.compare_digest(tag, blob[head:head + 16]):
                 raise ModuleCallError(ENCRYPTED_DATA_INVALID, f"{self.name}: not a ciphertext of {k.label!r}")
             return plain
 
@@ -623,9 +1111,11 @@ class ScriptedModule:
             if not self.logged_in:
                 raise ModuleCallError(USER_NOT_LOGGED_IN, f"{self.name}: generate_keypair needs a login")
             kt = key_type if isinstance(key_type, str) else getattr(key_type, "name", str(key_type))
-            if kt.upper() not in ("RSA", "EC"):
-                raise ModuleCallError(MECHANISM_INVALID, f"{self.name}: cannot generate {key_type!r} keys")
-            pair = self.hsm._new_pair(label, kt, bits)
+            try:
+                pair = self.hsm._new_pair(label, kt, bits)
+            except ValueError:
+                raise ModuleCallError(MECHANISM_INVALID, f"{self.name}: cannot generate {key_type!r} keys of "
+                                      f"{bits} bits") from None
             self.hsm._keys.append(pair)
             return ScriptedKey(label, PUBLIC_KEY, pair.key_type, s, pair)
 
@@ -639,7 +1129,7 @@ class ScriptedModule:
     # -- the call path ---------------------------------------------------------------------------
 
     def _run(self, function: str, op: Callable[[], _T], *, mode: str = "call",
-             outcome: Callable[[_T], str] | None = None) -> _T:
+             outcome: Callable[[_T], str] | None = None, timed: bool = True) -> _T:
         """One call: its latency, the link (broken, hung), an injected fault, then ``op`` on the token.
 
         Runs under the HSM's condition, released only while waiting; everything the call
@@ -651,7 +1141,7 @@ class ScriptedModule:
             try:
                 if mode == "initialize":
                     self._teardown()
-                delay = hsm.latency + hsm._extra
+                delay = hsm.latency + hsm._extra if timed else 0.0
                 if delay > 0:  # the round trip; a cut-off ends it early
                     cond.wait_for(lambda: self._cuts != my_cut, timeout=delay)
                 if mode == "initialize":
@@ -738,11 +1228,19 @@ class ScriptedModule:
             mech = (_DEFAULT_SIGN if use == "sign" else _DEFAULT_DECRYPT).get(key.key_type)
             if mech is None:
                 raise ModuleCallError(MECHANISM_INVALID, f"{self.name}: no default {use} mechanism")
-        if use not in mech.uses:
-            raise ModuleCallError(MECHANISM_INVALID, f"{self.name}: {mech.name} cannot {use}")
+        if use not in mech.uses or mech.name not in self.hsm.mechanisms:
+            raise ModuleCallError(MECHANISM_INVALID, f"{self.name}: {mech.name} cannot {use}" if use not in mech.uses
+                                  else f"{self.name}: the token does not offer {mech.name}")
         if mech.key_type != key.key_type:
             raise ModuleCallError(KEY_TYPE_INCONSISTENT, f"{self.name}: {mech.name} on a {key.key_type} key")
         return key, mech
+
+    def _refused(self, mech: ScriptedMechanism, param: Any, exc: Exception) -> ModuleCallError:
+        """What the token answers for data or parameters the mechanism does not take (a salt too
+        long for the key is cryptography's ValueError: a parameter the token refuses)."""
+        code = exc.code if isinstance(exc, _Refusal) else (MECHANISM_PARAM_INVALID if param is not None
+                                                            else DATA_LEN_RANGE)
+        return ModuleCallError(code, f"{self.name}: {mech.name}: {exc}")
 
     def _note(self, function: str) -> None:
         """A local call (no round trip), logged and counted like the others."""

@@ -160,8 +160,34 @@ def _pool_figures(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path, rounds: i
                                  rounds)
                 results[f"pool {threads} thread(s)"] = fig
                 _row(f"pool, {threads} thread(s)", fig, out)
+            results.update(_key_object_figures(pool, rounds, seconds, out))
     finally:
         replica.kill()
+    return results
+
+
+def _key_object_figures(pool: Any, rounds: int, seconds: float, out: TextIO) -> dict[str, dict[str, float]]:
+    """``pool.private_key(label).sign`` (cryptography's call: hashed here, DigestInfo or DER added)
+    against ``pool.sign`` of the same digest: what the key object costs on top of the pool."""
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec, padding
+
+    message = b"m" * 64
+    digest = hashlib.sha256(message).digest()
+    rsa_info = bytes.fromhex("3031300d060960864801650304020105000420")  # DigestInfo(SHA-256)
+    cases: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {}
+    ec_key, rsa_key = pool.private_key("ec"), pool.private_key("rsa")
+    cases["ECDSA P-256"] = (partial(pool.sign, "ec", digest, "ECDSA"),
+                            partial(ec_key.sign, message, ec.ECDSA(hashes.SHA256())))
+    cases["RSA-2048 PKCS#1 v1.5"] = (partial(pool.sign, "rsa", rsa_info + digest, "RSA_PKCS"),
+                                     partial(rsa_key.sign, message, padding.PKCS1v15(), hashes.SHA256()))
+    results: dict[str, dict[str, float]] = {}
+    print("-- key object (pool.private_key(...).sign, cryptography's call) vs pool.sign of the digest", file=out)
+    for case, (base, key_sign) in cases.items():
+        base(), key_sign()
+        fig = _alternate(partial(_rate, base, seconds), partial(_rate, key_sign, seconds), rounds)
+        results[f"key object {case}"] = fig
+        _row(f"key object, {case}", fig, out)
     return results
 
 

@@ -77,6 +77,29 @@ with token.open(rw=True, user_pin=pin) as s:
         open(f"{outdir}/{kl}.pub.der", "wb").write(encode_ec_public_key(pub))
 """
 
+_REPLACE_KEY = r"""
+import sys, pkcs11
+from pkcs11 import Attribute, KeyType, ObjectClass
+from pkcs11.util.rsa import encode_rsa_public_key
+from pkcs11.util.ec import encode_named_curve_parameters, encode_ec_public_key
+module, label, pin, outdir, key_label, kind = sys.argv[1:7]
+lib = pkcs11.lib(module)
+token = lib.get_token(token_label=label)
+with token.open(rw=True, user_pin=pin) as s:
+    for klass in (ObjectClass.PRIVATE_KEY, ObjectClass.PUBLIC_KEY):
+        for obj in list(s.get_objects({Attribute.CLASS: klass, Attribute.LABEL: key_label})):
+            obj.destroy()
+    if kind == "rsa":
+        pub, _ = s.generate_keypair(KeyType.RSA, 2048, label=key_label, store=True)
+        der = encode_rsa_public_key(pub)
+    else:
+        params = s.create_domain_parameters(KeyType.EC, {
+            Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
+        pub, _ = params.generate_keypair(label=key_label, store=True)
+        der = encode_ec_public_key(pub)
+    open(f"{outdir}/{key_label}.pub.der", "wb").write(der)
+"""
+
 
 @dataclass
 class SoftHSMToken:
@@ -137,6 +160,20 @@ class SoftHSMToken:
         for der in self.root.glob("*.pub.der"):
             shutil.copy(der, copy.root / der.name)
         return copy
+
+    def replace_key(self, key_label: str) -> SoftHSMToken:
+        """Destroy the key pair labelled ``key_label`` and generate another under the same label (and
+        rewrite its ``.pub.der``): on a replica, a member that is not one. Call it before the token is
+        served (a running SoftHSM may not see objects change under it)."""
+        if key_label in self.rsa_keys:
+            kind = "rsa"
+        elif key_label in self.ec_keys:
+            kind = "ec"
+        else:
+            raise LabError(f"{self.root}: no key labelled {key_label!r} was provisioned here")
+        _run([sys.executable, "-c", _REPLACE_KEY, find_module("softhsm"), self.label, self.pin, str(self.root),
+              key_label, kind], {**os.environ, **self.env})
+        return self
 
 
 def _run(cmd: list[str], env: dict[str, str]) -> None:
