@@ -90,7 +90,10 @@ class HSMKey:
         return self._deadline
 
     def _who(self) -> str:
-        return f"HSM key {self._ref}"
+        who: str | None = getattr(self, "_who_text", None)
+        if who is None:  # formatted once: it is passed on every signature, for error messages
+            who = self._who_text = f"HSM key {self._ref}"
+        return who
 
     def _backend_name(self) -> str:
         name = getattr(self._backend, "name", None)
@@ -249,74 +252,63 @@ class HSMECPrivateKey(HSMKey, ec.EllipticCurvePrivateKey):
         return self
 
 
-class HSMEd25519PrivateKey(HSMKey, ed25519.Ed25519PrivateKey):
-    """An Ed25519 key on the HSM: ``sign`` with ``EDDSA`` over the message (``hash_locally``
-    does not apply: EdDSA hashes inside the scheme)."""
+class _EdDSAKey(HSMKey):
+    """What Ed25519 and Ed448 keys share: ``sign`` with ``EDDSA`` over the message (``hash_locally``
+    does not apply: EdDSA hashes inside the scheme), and no private material to hand out."""
 
-    def __init__(self, backend: KeyBackend, ref: KeyRef, public_key: ed25519.Ed25519PublicKey, *,
+    _scheme = ""
+    _public_type: type[Any] = object
+
+    def __init__(self, backend: KeyBackend, ref: KeyRef, public_key: Any, *,
                  verify: bool = False, hash_locally: bool = True, deadline: float | None = None) -> None:
-        if not isinstance(public_key, ed25519.Ed25519PublicKey):
-            raise TypeError(f"HSM key {ref}: an Ed25519 key needs an Ed25519 public key, "
+        if not isinstance(public_key, self._public_type):
+            raise TypeError(f"HSM key {ref}: an {self._scheme} key needs an {self._scheme} public key, "
                             f"got {type(public_key).__name__}")
         super().__init__(backend, ref, verify=verify, hash_locally=hash_locally, deadline=deadline)
         self._public = public_key
 
     def _describe(self) -> str:
-        return "Ed25519"
+        return self._scheme
 
     def sign(self, data: Buffer) -> bytes:
         return self._send(eddsa_request(self._public, bytes(data)))
+
+    def private_bytes(self, encoding: serialization.Encoding, format: serialization.PrivateFormat,
+                      encryption_algorithm: serialization.KeySerializationEncryption) -> bytes:
+        raise self._not_extractable("private_bytes")
+
+    def private_bytes_raw(self) -> bytes:
+        raise self._not_extractable("private_bytes_raw")
+
+    def __copy__(self) -> Any:
+        return self
+
+    def __deepcopy__(self, memo: dict[Any, Any]) -> Any:
+        return self
+
+
+class HSMEd25519PrivateKey(_EdDSAKey, ed25519.Ed25519PrivateKey):
+    """An Ed25519 key on the HSM."""
+
+    _scheme = "Ed25519"
+    _public_type = ed25519.Ed25519PublicKey
 
     def public_key(self) -> ed25519.Ed25519PublicKey:
-        return self._public
-
-    def private_bytes(self, encoding: serialization.Encoding, format: serialization.PrivateFormat,
-                      encryption_algorithm: serialization.KeySerializationEncryption) -> bytes:
-        raise self._not_extractable("private_bytes")
-
-    def private_bytes_raw(self) -> bytes:
-        raise self._not_extractable("private_bytes_raw")
-
-    def __copy__(self) -> HSMEd25519PrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[Any, Any]) -> HSMEd25519PrivateKey:
-        return self
+        key: ed25519.Ed25519PublicKey = self._public
+        return key
 
 
-class HSMEd448PrivateKey(HSMKey, ed448.Ed448PrivateKey):
-    """An Ed448 key on the HSM: ``sign`` with ``EDDSA`` over the message, no parameter (pure
-    Ed448, empty context). A module that wants CK_EDDSA_PARAMS for Ed448 refuses the call with
-    CKR_MECHANISM_PARAM_INVALID; it cannot produce a wrong signature that way."""
+class HSMEd448PrivateKey(_EdDSAKey, ed448.Ed448PrivateKey):
+    """An Ed448 key on the HSM: pure Ed448, empty context, no parameter. A module that wants
+    CK_EDDSA_PARAMS for Ed448 refuses the call with CKR_MECHANISM_PARAM_INVALID; it cannot
+    produce a wrong signature that way."""
 
-    def __init__(self, backend: KeyBackend, ref: KeyRef, public_key: ed448.Ed448PublicKey, *,
-                 verify: bool = False, hash_locally: bool = True, deadline: float | None = None) -> None:
-        if not isinstance(public_key, ed448.Ed448PublicKey):
-            raise TypeError(f"HSM key {ref}: an Ed448 key needs an Ed448 public key, got {type(public_key).__name__}")
-        super().__init__(backend, ref, verify=verify, hash_locally=hash_locally, deadline=deadline)
-        self._public = public_key
-
-    def _describe(self) -> str:
-        return "Ed448"
-
-    def sign(self, data: Buffer) -> bytes:
-        return self._send(eddsa_request(self._public, bytes(data)))
+    _scheme = "Ed448"
+    _public_type = ed448.Ed448PublicKey
 
     def public_key(self) -> ed448.Ed448PublicKey:
-        return self._public
-
-    def private_bytes(self, encoding: serialization.Encoding, format: serialization.PrivateFormat,
-                      encryption_algorithm: serialization.KeySerializationEncryption) -> bytes:
-        raise self._not_extractable("private_bytes")
-
-    def private_bytes_raw(self) -> bytes:
-        raise self._not_extractable("private_bytes_raw")
-
-    def __copy__(self) -> HSMEd448PrivateKey:
-        return self
-
-    def __deepcopy__(self, memo: dict[Any, Any]) -> HSMEd448PrivateKey:
-        return self
+        key: ed448.Ed448PublicKey = self._public
+        return key
 
 
 HSMPrivateKey = HSMRSAPrivateKey | HSMECPrivateKey | HSMEd25519PrivateKey | HSMEd448PrivateKey
