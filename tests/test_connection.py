@@ -186,7 +186,7 @@ def test_wrong_pin_is_tried_exactly_once(client_module, network_hsm, fast_policy
 
 
 def test_four_threads_on_in_process_softhsm_never_crash(token, softhsm_module, pin_env, tmp_path):
-    """FACTS: in-process SoftHSM initialised with NULL crashes under two threads. hsmfsm
+    """docs/FACTS.md: in-process SoftHSM initialised with NULL crashes under two threads. hsmfsm
     initialises it with CKF_OS_LOCKING_OK; this must run clean for 10 s."""
     replica = token.replicate(tmp_path / "inproc")
     conn = SlotConnection(module=softhsm_module, token_label=token.label, pin=pin_env,

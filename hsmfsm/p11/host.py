@@ -9,7 +9,7 @@ hsmfsm's watchdog can only cut calls that cross a socket *it* knows.
 
 How: with ``isolation: process`` the vendor module runs behind a private
 ``p11-kit server`` (the same well-kept RPC the network-HSM path already uses,
-FACTS), and the connection loads ``p11-kit-client`` pointed at it. p11-kit
+docs/FACTS.md), and the connection loads ``p11-kit-client`` pointed at it. p11-kit
 serves each client connection from a ``p11-kit-remote`` child process that
 loads the vendor module. A call that overruns the call timeout is then cut off
 like any network call: the watchdog kills the stuck ``p11-kit-remote`` child
