@@ -74,6 +74,7 @@ from .keyops import RULE_OPERATION, key_ref, mechanism_name, public_der, signatu
 
 if TYPE_CHECKING:
     from ..keys.backend import KeyRef, SignatureCheck
+    from .aio import AsyncPool
 
 log = logging.getLogger("hsmfsm.pool")
 
@@ -257,7 +258,7 @@ class Pool:
     def member(self, name: str) -> SlotConnection:
         return self._by_name[name].conn
 
-    def aio(self, *, workers: int | None = None) -> Any:
+    def aio(self, *, workers: int | None = None) -> AsyncPool:
         """An asyncio facade over this pool: an :class:`hsmfsm.runtime.aio.AsyncPool` with a bounded
         thread pool of its own (``workers`` threads; default 4 per member, within 8..32)."""
         from .aio import AsyncPool
