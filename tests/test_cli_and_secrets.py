@@ -105,3 +105,59 @@ def test_demo_removes_its_output_folder_unless_kept(tmp_path):
     proc = hsmfsm("demo", "--speed", "0.25", "--out", str(out), timeout=120)
     assert "(removed at exit; --keep leaves it)" in proc.stdout, proc.stdout + proc.stderr
     assert not out.exists()
+
+
+# -- credential:NAME (systemd LoadCredential=) ---------------------------------------------------
+
+
+def test_a_credential_pin_is_read_from_the_credentials_directory(tmp_path, monkeypatch):
+    (tmp_path / "hsm-pin").write_text("4321-secret\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    source = PinSource("credential:hsm-pin")
+    assert source.read() == "4321-secret"
+    assert "4321" not in repr(source) and repr(source) == "<PinSource credential:hsm-pin>"
+
+
+def test_a_missing_credential_names_the_variable_and_the_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
+    with pytest.raises(PinError, match=r"credential:hsm-pin: CREDENTIALS_DIRECTORY is not set"):
+        PinSource("credential:hsm-pin").read()
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    with pytest.raises(PinError) as info:
+        PinSource("credential:hsm-pin").read()
+    assert str(tmp_path / "hsm-pin") in str(info.value) and "CREDENTIALS_DIRECTORY" in str(info.value)
+    with pytest.raises(PinError, match="has no '/'"):
+        PinSource("credential:../etc/shadow").read()
+
+
+def test_a_pool_file_takes_a_credential_pin(tmp_path):
+    from hsmfsm import load_pool
+
+    path = tmp_path / "pool.yaml"
+    path.write_text("pool: p\nmembers:\n  - {name: a, module: /m.so, token_label: t, pin: 'credential:hsm-pin'}\n")
+    assert load_pool(str(path)).members[0].pin == "credential:hsm-pin"
+
+
+def test_a_connection_logs_in_with_a_credential_and_the_pin_shows_nowhere(client_module, tmp_path, monkeypatch,
+                                                                          caplog):
+    import logging
+
+    from hsmfsm import SlotConnection
+    from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken
+
+    pin = "cred-PIN-93f1c7"  # a PIN no log line can contain by accident
+    token = SoftHSMToken(tmp_path / "token", label="cred", pin=pin).provision()
+    hsm = NetworkHSM(token, tmp_path / "hsm.sock").start()
+    (tmp_path / "creds").mkdir()
+    (tmp_path / "creds" / "hsm-pin").write_text(pin + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    caplog.set_level(logging.DEBUG)
+    try:
+        with SlotConnection(client_module, token.label, "credential:hsm-pin", name="hsm-a",
+                            env=hsm.client_env) as conn:
+            assert conn.state == "logged_in" and conn.login_attempts == 1
+            assert len(conn.generate_random(16)) == 16
+            text = repr(conn) + str(conn.last_code) + repr(conn._pin)
+    finally:
+        hsm.kill()
+    assert "cred-PIN" not in text and "cred-PIN" not in caplog.text

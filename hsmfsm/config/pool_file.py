@@ -91,7 +91,7 @@ PoolSource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 class MemberSpec:
     """One member as the pool file declares it, ``${VAR}`` already expanded.
 
-    ``pin`` is where the PIN comes from (``env:NAME`` or ``file:PATH``), never
+    ``pin`` is where the PIN comes from (``env:NAME``, ``file:PATH`` or ``credential:NAME``), never
     the PIN: the PIN is read at each login by :class:`~hsmfsm.config.pin.PinSource`.
     ``env`` is set while the member's own module instance is loaded.
     """
@@ -266,7 +266,7 @@ def _with_defaults(given: Mapping[str, Any], schema: Mapping[str, Any]) -> dict[
 
 
 #: Said instead of the value: a wrong ``pin`` may well be a literal PIN, which must not reach a log.
-_PIN_REFUSED = ("must be env:NAME or file:PATH; a literal PIN is refused "
+_PIN_REFUSED = ("must be env:NAME, file:PATH or credential:NAME; a literal PIN is refused "
                 "(the value is not shown, in case it is one)")
 
 
