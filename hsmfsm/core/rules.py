@@ -175,8 +175,8 @@ class Decision:
 
 
 def _class(policy: Policy, code: Code) -> tuple[str, CodeClass]:
-    name = policy.codes.get(code.name, policy.default_class)
-    return name, policy.classes[name]
+    klass = policy.class_of(code)
+    return klass.name, klass
 
 
 def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, sent: bool = True,
