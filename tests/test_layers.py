@@ -3,9 +3,11 @@
     core  <-  config  <-  audit  <-  runtime  <-  testing  <-  tools
       ^-------  p11  <--------------'
       ^-------  keys <--------------'   (the key objects: runtime, testing and tools use them)
+      ^-------  rpc  <--------------'   (p11-kit's RPC codec: runtime, testing and tools use it)
 
 ``core`` imports nothing else of hsmfsm and none of the modules that would
-give it I/O, a clock or threads; ``p11`` is the only package that imports
+give it I/O, a clock or threads; ``rpc`` (the p11-kit RPC codec) imports only
+``core``, and is held to the same purity; ``p11`` is the only package that imports
 python-pkcs11; ``keys`` (the cryptography key objects bound to a pool) imports
 only ``core``, never the runtime it is bound to; the library never imports
 ``testing`` or ``tools``; nothing imports ``tools`` but the command line's entry
@@ -27,14 +29,22 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"core"},
     "p11": {"core"},
     "keys": {"core"},
+    "rpc": {"core"},
     "audit": {"core", "config"},
-    "runtime": {"core", "config", "p11", "audit", "keys"},
-    "testing": {"core", "config", "p11", "audit", "runtime", "keys"},
-    "tools": {"core", "config", "p11", "audit", "runtime", "testing", "tools", "keys"},
+    "runtime": {"core", "config", "p11", "audit", "keys", "rpc"},
+    "testing": {"core", "config", "p11", "audit", "runtime", "keys", "rpc"},
+    "tools": {"core", "config", "p11", "audit", "runtime", "testing", "tools", "keys", "rpc"},
 }
+#: The layers that must stay pure: no I/O, clock or threads (CORE_FORBIDDEN).
+PURE_LAYERS = {"core", "rpc"}
 #: Modules the pure core must not import (I/O, clock, threads, the PKCS#11 library).
 CORE_FORBIDDEN = {"pkcs11", "threading", "time", "socket", "os", "subprocess", "asyncio", "random",
                   "multiprocessing", "select", "signal", "ctypes"}
+
+
+#: Programs that stand for a *user's* application and run in an interpreter of their own (by path,
+#: with ``python -I``): they use python-pkcs11 as any application does, and import nothing of hsmfsm.
+APPLICATIONS = {PACKAGE / "testing" / "lab" / "app.py"}
 
 
 def _imports(path: Path) -> list[tuple[str, int]]:
@@ -76,15 +86,20 @@ def test_every_module_lives_in_a_layer() -> None:
     assert {p.name for p in PACKAGE.iterdir() if p.is_dir() and not p.name.startswith("__")} == set(ALLOWED)
 
 
+def test_the_applications_import_nothing_of_hsmfsm() -> None:
+    for path in APPLICATIONS:
+        assert not [n for n, _ in _imports(path) if n == "hsmfsm" or n.startswith("hsmfsm.")], path
+
+
 @pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_imports_flow_one_way(path: Path) -> None:
     layer = _layer(path)
     wrong = []
     for name, line in _imports(path):
         if not name.startswith("hsmfsm.") and name != "hsmfsm":
-            if layer == "core" and name.split(".")[0] in CORE_FORBIDDEN:
-                wrong.append(f"line {line}: core imports {name}")
-            if name.split(".")[0] == "pkcs11" and layer != "p11":
+            if layer in PURE_LAYERS and name.split(".")[0] in CORE_FORBIDDEN:
+                wrong.append(f"line {line}: {layer} imports {name}")
+            if name.split(".")[0] == "pkcs11" and layer != "p11" and path not in APPLICATIONS:
                 wrong.append(f"line {line}: only hsmfsm.p11 imports python-pkcs11, not {layer or 'the top'}")
             continue
         target = name.split(".")[1] if name.count(".") else None

@@ -236,7 +236,7 @@ def _add(after: str, new: str) -> tuple[str, str]:
 BROKEN = {
     # kind: ((old, new) in GOOD, line, field, start of the message)
     "unknown field": (_add("balance: round_robin\n", "colour: blue\n"), 4, "colour",
-                      "unknown field (known: pool, policy, balance, recovery, audit, members)"),
+                      "unknown field (known: pool, policy, balance, recovery, audit, serve, members)"),
     "unknown member field": (_add("    token_label: signer\n", "    slot: 3\n"), 13, "members[0].slot",
                              "unknown field"),
     "bad balance": (("balance: round_robin", "balance: random"), 3, "balance",

@@ -136,6 +136,16 @@ class AuditLog:
             return
         self._enqueue(_transition_body(record, self.pool))
 
+    def note(self, kind: str, **fields: Any) -> None:
+        """Queue one record that is not a transition (``hsmfsm serve``: an application connected,
+        a login was refused, an outage as applications saw it). ``fields`` must be JSON values and
+        must never hold a PIN. Same contract as :meth:`record`: never blocks, never raises."""
+        if self._closed or os.getpid() != self._pid:
+            return
+        if kind in ("transition", "gap", "opened"):
+            raise ValueError(f"audit record kind {kind!r} is the log's own")
+        self._enqueue({**fields, "kind": kind, "time": _now_iso(), "pool": self.pool})
+
     def _enqueue(self, body: dict[str, Any]) -> None:
         with self._idle:
             self._pending += 1
@@ -567,4 +577,9 @@ def format_record(rec: dict[str, Any]) -> str:
         return f"{rec['time']}  #{rec['seq']:<5} {who:<20} GAP: {rec.get('lost')} record(s) could not be written"
     if kind == "opened":
         return f"{rec['time']}  #{rec['seq']:<5} {who:<20} log opened by pid {rec.get('pid')}"
-    return f"{rec.get('time')}  #{rec.get('seq')} {kind}"
+    extra = " ".join(f"{k}={rec[k]}" for k in sorted(rec) if k not in _FRAME_FIELDS)
+    return f"{rec.get('time')}  #{rec.get('seq'):<5} {who:<20} {kind} {extra}".rstrip()
+
+
+#: The fields every record has, not repeated in a note's one-line form.
+_FRAME_FIELDS = frozenset({"kind", "time", "pool", "member", "seq", "prev", "hash"})

@@ -139,6 +139,25 @@ class AuditSpec:
 
 
 @dataclass(frozen=True, slots=True)
+class ServeSpec:
+    """The ``serve`` section: the pool as one virtual PKCS#11 slot (:mod:`hsmfsm.runtime.server`).
+
+    ``pin`` is the application PIN's source (never a member's PIN, never the PIN itself);
+    ``allow_uids`` ``None`` means only the uid the server runs as.
+    """
+
+    socket: Path
+    token_label: str
+    pin: str
+    allow_uids: tuple[int, ...] | None = None
+    outage_codes: str = "device_error"
+    keygen: str = "refuse"
+    max_operation_bytes: int = 1024 * 1024
+    max_connections: int = 256
+    workers: int = 16
+
+
+@dataclass(frozen=True, slots=True)
 class PoolSpec:
     """A whole pool file, checked: what :meth:`hsmfsm.runtime.pool.Pool.from_spec` builds a pool from."""
 
@@ -149,6 +168,7 @@ class PoolSpec:
     members: tuple[MemberSpec, ...]
     source: str
     audit: AuditSpec | None = None
+    serve: ServeSpec | None = None
 
 
 # --------------------------------------------------------------------------- public API
@@ -212,6 +232,7 @@ def _load(src: PoolSource, source: str | None, expansion: _Expansion) -> PoolSpe
         members=members,
         source=doc.label,
         audit=_audit(doc, here, expansion),
+        serve=_serve(doc, here, expansion),
     )
     expansion.located(doc)
     return spec
@@ -417,6 +438,27 @@ def _audit(doc: Doc, here: Origin, expansion: _Expansion) -> AuditSpec | None:
     assert path is not None
     return AuditSpec(path=here.base_dir / path, rotate_bytes=rotate,
                      keep=None if audit["keep"] == "all" else audit["keep"], fsync=audit["fsync"])
+
+
+def _serve(doc: Doc, here: Origin, expansion: _Expansion) -> ServeSpec | None:
+    """The ``serve`` section: the socket path expanded and made absolute, the PIN source checked."""
+    given = doc.data.get("serve")
+    if given is None:
+        return None
+    serve = _with_defaults(given, _pool_schema()["properties"]["serve"])
+    found: list[Issue] = []
+    path = expansion.expanded(("serve", "socket"), serve["socket"], found)
+    found += _pin_issues(("serve", "pin"), serve["pin"])
+    if path is not None and len(str(here.base_dir / path).encode()) > 107:
+        found.append((("serve", "socket"), f"{show(str(here.base_dir / path))} is longer than 107 bytes, "
+                                           "the limit of a unix socket address"))
+    fail_first(doc, found)
+    assert path is not None
+    uids = serve.get("allow_uids")
+    return ServeSpec(socket=here.base_dir / path, token_label=serve["token_label"], pin=serve["pin"],
+                     allow_uids=None if uids is None else tuple(uids), outage_codes=serve["outage_codes"],
+                     keygen=serve["keygen"], max_operation_bytes=serve["max_operation_bytes"],
+                     max_connections=serve["max_connections"], workers=serve["workers"])
 
 
 # --------------------------------------------------------------------------- the policy

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import sys
 from typing import Any
 
 import pkcs11
@@ -22,6 +23,7 @@ from pkcs11.exceptions import (
     PKCS11Error,
 )
 
+from ..core import attributes
 from ..core.codes import Code, code_from_name
 from ..core.errors import ModuleCallError
 from ..core.mechanisms import OAEPParams, PSSParams
@@ -154,7 +156,35 @@ class P11Module:
             raise ModuleCallError(code, "C_GetMechanismList failed")
         return frozenset(_mechanism_names.get(m) or f"0x{m:08X}" for m in found)
 
+    def mechanism_infos(self, token: Any) -> dict[int, tuple[int, int, int]]:
+        """C_GetMechanismList, then C_GetMechanismInfo of each: {CKM value: (min, max, flags)}."""
+        slot = token.slot.slot_id
+        code, found = self.instance.mechanism_list(slot)
+        if code.value == 0:
+            code, infos = self.instance.mechanism_infos(slot, found)
+        if code.value != 0:
+            raise ModuleCallError(code, "C_GetMechanismList/C_GetMechanismInfo failed")
+        return infos
+
+    def list_objects(self, session: Any) -> list[dict[int, Any]]:
+        """Every object the session sees: {CKA value: bool, int, bytes or a tuple of CKM values}, None
+        for an attribute the token calls sensitive (:meth:`ModuleInstance.list_objects`). The secret
+        parts of private and secret keys (:data:`hsmfsm.core.attributes.SECRET`) are never read."""
+        code, raw = self.instance.list_objects(session.handle, attributes.CATALOG, _secret_parts)
+        if code.value != 0:
+            raise ModuleCallError(code, "listing the token's objects failed")
+        size = ctypes.sizeof(ctypes.c_ulong)
+        return [{t: None if v is None else attributes.decode_native(t, v, ulong_size=size, byteorder=sys.byteorder)
+                 for t, v in obj.items()} for obj in raw]
+
     def mechanism(self, mechanism: Any) -> Any:
+        if isinstance(mechanism, int) and not isinstance(mechanism, pkcs11.Mechanism):
+            try:
+                return pkcs11.Mechanism(mechanism)
+            except ValueError:
+                raise ValueError(f"mechanism 0x{mechanism:08X} is not one python-pkcs11 can call") from None
+        if isinstance(mechanism, str) and mechanism.startswith("0x"):
+            return self.mechanism(int(mechanism, 16))
         if mechanism is None or isinstance(mechanism, pkcs11.Mechanism):
             return mechanism
         try:
@@ -245,6 +275,12 @@ class P11Module:
 
     def __repr__(self) -> str:
         return f"<P11Module {self.name} {self.path} isolation={self.isolation} {self.instance!r}>"
+
+
+def _secret_parts(klass: bytes | None) -> frozenset[int]:
+    """The attributes never read from an object of this class (raw CKA_CLASS bytes)."""
+    value = int.from_bytes(klass, sys.byteorder) if klass else None
+    return attributes.SECRET if value in (attributes.CKO_PRIVATE_KEY, attributes.CKO_SECRET_KEY) else frozenset()
 
 
 def _pkcs11_param(param: PSSParams | OAEPParams) -> tuple[Any, Any, Any]:

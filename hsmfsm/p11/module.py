@@ -70,6 +70,23 @@ class SessionInfo(ctypes.Structure):
     _fields_ = [("slotID", CK_ULONG), ("state", CK_ULONG), ("flags", CK_ULONG), ("ulDeviceError", CK_ULONG)]
 
 
+class _MechanismInfo(ctypes.Structure):
+    _fields_ = [("ulMinKeySize", CK_ULONG), ("ulMaxKeySize", CK_ULONG), ("flags", CK_ULONG)]
+
+
+class _Attribute(ctypes.Structure):
+    _fields_ = [("type", CK_ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", CK_ULONG)]
+
+
+#: CK_UNAVAILABLE_INFORMATION as a CK_ULONG: the length a module writes for an attribute it cannot give.
+UNAVAILABLE = ctypes.c_ulong(-1).value
+CKR_ATTRIBUTE_SENSITIVE = 0x11
+CKR_ATTRIBUTE_TYPE_INVALID = 0x12
+#: Objects read per C_FindObjects, and the most a listing reads (a token with more is refused).
+_FIND_BATCH = 64
+MAX_OBJECTS = 65536
+
+
 class _InitArgs(ctypes.Structure):
     _fields_ = [("CreateMutex", ctypes.c_void_p), ("DestroyMutex", ctypes.c_void_p),
                 ("LockMutex", ctypes.c_void_p), ("UnlockMutex", ctypes.c_void_p),
@@ -81,7 +98,9 @@ _FUNCTIONS = ["C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C
               "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
               "C_InitToken", "C_InitPIN", "C_SetPIN", "C_OpenSession", "C_CloseSession",
               "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
-              "C_SetOperationState", "C_Login", "C_Logout"]
+              "C_SetOperationState", "C_Login", "C_Logout", "C_CreateObject", "C_CopyObject",
+              "C_DestroyObject", "C_GetObjectSize", "C_GetAttributeValue", "C_SetAttributeValue",
+              "C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal"]
 
 
 class _FunctionList(ctypes.Structure):
@@ -97,6 +116,11 @@ _PROTO = {
     "C_Logout": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
     "C_CloseSession": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
     "C_GetMechanismList": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(CK_ULONG), ctypes.POINTER(CK_ULONG)),
+    "C_GetMechanismInfo": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.POINTER(_MechanismInfo)),
+    "C_GetAttributeValue": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, CK_ULONG, ctypes.POINTER(_Attribute), CK_ULONG),
+    "C_FindObjectsInit": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_Attribute), CK_ULONG),
+    "C_FindObjects": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(CK_ULONG), CK_ULONG, ctypes.POINTER(CK_ULONG)),
+    "C_FindObjectsFinal": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
 }
 
 
@@ -361,6 +385,96 @@ class ModuleInstance:
         if rv != CKR_OK:
             return code_from_value(rv), []
         return code_from_value(rv), [int(buffer[i]) for i in range(count.value)]
+
+    def mechanism_infos(self, slot_id: int, mechanisms: list[int]) -> tuple[Code, dict[int, tuple[int, int, int]]]:
+        """C_GetMechanismInfo for each mechanism: (min key size, max key size, flags)."""
+        fn = self._fn["C_GetMechanismInfo"]
+        out: dict[int, tuple[int, int, int]] = {}
+        for mechanism in mechanisms:
+            info = _MechanismInfo()
+            rv = fn(slot_id, mechanism, ctypes.byref(info))
+            if rv != CKR_OK:
+                return code_from_value(rv), out
+            out[mechanism] = (int(info.ulMinKeySize), int(info.ulMaxKeySize), int(info.flags))
+        return code_from_value(CKR_OK), out
+
+    def list_objects(self, session_handle: int, types: tuple[int, ...], skip: Any = None
+                     ) -> tuple[Code, list[dict[int, bytes | None]]]:
+        """Every object the session sees, with the raw bytes (C memory: CK_BBOOL, native CK_ULONG ...)
+        of each attribute in ``types`` it has: ``None`` for one the token calls sensitive, absent for
+        one it does not have. ``skip(object_class_bytes)`` returns the types not to read for an object
+        of that class (a private key's secret parts are never asked for).
+
+        Raw, not python-pkcs11's ``get_objects``: a virtual slot serves these bytes to applications
+        as the token gave them, and python-pkcs11 only reads the attributes it has a decoder for.
+        Two C_GetAttributeValue per object (lengths, then values); a CKR_ATTRIBUTE_* answer
+        still fills the entries it could (PKCS#11 2.40 §5.7.5), anything else fails the listing."""
+        handles: list[int] = []
+        rv = self._fn["C_FindObjectsInit"](session_handle, None, 0)
+        if rv != CKR_OK:
+            return code_from_value(rv), []
+        try:
+            batch = (CK_ULONG * _FIND_BATCH)()
+            while len(handles) < MAX_OBJECTS:
+                found = CK_ULONG(0)
+                rv = self._fn["C_FindObjects"](session_handle, batch, _FIND_BATCH, ctypes.byref(found))
+                if rv != CKR_OK:
+                    return code_from_value(rv), []
+                handles += [int(batch[i]) for i in range(found.value)]
+                if found.value < _FIND_BATCH:
+                    break
+        finally:
+            final = self._fn["C_FindObjectsFinal"](session_handle)
+        if final != CKR_OK:
+            return code_from_value(final), []
+        out: list[dict[int, bytes | None]] = []
+        for handle in handles:
+            code, klass = self._attributes(session_handle, handle, (0,))  # CKA_CLASS
+            if code.value != CKR_OK:
+                return code, []
+            wanted = types if skip is None else tuple(t for t in types if t not in skip(klass.get(0)))
+            code, values = self._attributes(session_handle, handle, wanted)
+            if code.value != CKR_OK:
+                return code, []
+            out.append(values)
+        return code_from_value(CKR_OK), out
+
+    def _attributes(self, session_handle: int, handle: int, types: tuple[int, ...]
+                    ) -> tuple[Code, dict[int, bytes | None]]:
+        fn = self._fn["C_GetAttributeValue"]
+        template = (_Attribute * max(1, len(types)))()
+        for i, t in enumerate(types):
+            template[i].type, template[i].pValue, template[i].ulValueLen = t, None, 0
+        rv = fn(session_handle, handle, template, len(types))
+        if rv not in (CKR_OK, CKR_ATTRIBUTE_SENSITIVE, CKR_ATTRIBUTE_TYPE_INVALID):
+            return code_from_value(rv), {}
+        sizes = [int(template[i].ulValueLen) for i in range(len(types))]
+        sensitive: set[int] = set()
+        missing = [i for i, n in enumerate(sizes) if n == UNAVAILABLE]
+        if rv == CKR_ATTRIBUTE_SENSITIVE and missing:
+            # The length (-1) is the same for "sensitive" and "no such attribute": ask each alone.
+            if len(missing) == 1:
+                sensitive.add(types[missing[0]])
+            else:
+                for i in missing:
+                    one = (_Attribute * 1)()
+                    one[0].type, one[0].pValue, one[0].ulValueLen = types[i], None, 0
+                    if fn(session_handle, handle, one, 1) == CKR_ATTRIBUTE_SENSITIVE:
+                        sensitive.add(types[i])
+        buffers = [ctypes.create_string_buffer(max(1, n)) if n != UNAVAILABLE else None for n in sizes]
+        for i, buf in enumerate(buffers):
+            template[i].pValue = ctypes.cast(buf, ctypes.c_void_p) if buf is not None else None
+            template[i].ulValueLen = sizes[i] if buf is not None else 0
+        rv = fn(session_handle, handle, template, len(types))
+        if rv not in (CKR_OK, CKR_ATTRIBUTE_SENSITIVE, CKR_ATTRIBUTE_TYPE_INVALID):
+            return code_from_value(rv), {}
+        values: dict[int, bytes | None] = dict.fromkeys(sensitive)
+        for i, t in enumerate(types):
+            buf = buffers[i]
+            n = int(template[i].ulValueLen)
+            if buf is not None and n != UNAVAILABLE:
+                values[t] = buf.raw[:n]
+        return code_from_value(CKR_OK), values
 
     def function(self, name: str) -> Any:
         """A function of the module's list, as ctypes calls it (those declared here), or None

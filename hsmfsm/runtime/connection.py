@@ -363,6 +363,21 @@ class SlotConnection:
         return self._perform("generate_keypair", None, lambda s: m.generate_keypair(s, key_type, bits, label),
                              deadline)
 
+    def objects(self, *, deadline: float | None = None) -> list[dict[int, Any]]:
+        """Every object the token shows the logged-in session, with its public, immutable
+        attributes (:meth:`Module.list_objects`): what a virtual slot lists to its applications."""
+        m = self._module
+        result: list[dict[int, Any]] = self._perform("list_objects", None, m.list_objects, deadline)
+        return result
+
+    def mechanism_infos(self, *, deadline: float | None = None) -> dict[int, tuple[int, int, int]]:
+        """{CKM value: (min key size, max key size, flags)} of the token (:meth:`Module.mechanism_infos`)."""
+        m = self._module
+        g = self._g
+        result: dict[int, tuple[int, int, int]] = self._perform(
+            "mechanism_infos", None, lambda _session: m.mechanism_infos(g.token), deadline)
+        return result
+
     # -- keys ---------------------------------------------------------------
 
     def public_key(self, label: str | None = None, *, key_id: bytes | None = None, uri: str | None = None,

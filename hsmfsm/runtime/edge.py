@@ -111,6 +111,17 @@ class Module(Protocol):
         """C_GetMechanismList: the token's mechanisms as names without ``CKM_`` (``"ECDSA"``)."""
         ...
 
+    def mechanism_infos(self, token: Any) -> dict[int, tuple[int, int, int]]:
+        """C_GetMechanismList and C_GetMechanismInfo: {CKM value: (min key size, max key size, flags)}
+        (what a virtual slot tells its applications)."""
+        ...
+
+    def list_objects(self, session: Any) -> list[dict[int, Any]]:
+        """Every object the session sees, with the attributes of
+        :data:`hsmfsm.core.attributes.CATALOG` it has: {CKA value: bool, int, bytes or a tuple of
+        CKM values}, None for one the token calls sensitive. Secret key parts are never read."""
+        ...
+
     def mechanism(self, mechanism: Any) -> Any:
         """The module's value for a mechanism given by name (``"SHA256_RSA_PKCS"``) or as its own value.
         Raises ValueError for a name it does not know."""

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
 
 #: The operation the rule-book judges a call by, where hsmfsm's own name is not a policy operation:
 #: reading a key's public half is as idempotent as C_Verify, and has no effect on the token.
-RULE_OPERATION = {"public_key": "verify"}
+RULE_OPERATION = {"public_key": "verify", "list_objects": "verify", "mechanism_infos": "verify"}
 
 
 

@@ -267,6 +267,11 @@ class Pool:
 
     # -- status ---------------------------------------------------------------
 
+    @property
+    def serving_members(self) -> list[str]:
+        """The names of the active and standby members that serve calls right now."""
+        return [m.conn.name for m in self._members if m.conn.serving and not m.mismatch]
+
     def status(self) -> list[MemberStatus]:
         out = []
         for m in self._members:
@@ -329,6 +334,24 @@ class Pool:
     def generate_keypair(self, key_type: Any, bits: int, label: str, *, deadline: float | None = None) -> Any:
         """Not idempotent: re-issued elsewhere only when the first member never received it."""
         return self._call("generate_keypair", lambda c: c.generate_keypair(key_type, bits, label), None, deadline)
+
+    def objects(self, *, deadline: float | None = None) -> tuple[str, list[dict[int, Any]]]:
+        """The objects of one serving member's token (:meth:`SlotConnection.objects`), and its name:
+        replicas hold the same objects (the replica check compares their keys)."""
+        result: tuple[str, list[dict[int, Any]]] = self._call_named("list_objects", lambda c: c.objects(), deadline)
+        return result
+
+    def mechanism_infos(self, *, deadline: float | None = None) -> tuple[str, dict[int, tuple[int, int, int]]]:
+        """One serving member's mechanisms with their sizes and flags, and its name."""
+        result: tuple[str, dict[int, tuple[int, int, int]]] = self._call_named(
+            "mechanism_infos", lambda c: c.mechanism_infos(), deadline)
+        return result
+
+    def _call_named(self, op: str, invoke: Callable[[SlotConnection], Any], deadline: float | None) -> Any:
+        def named(c: SlotConnection) -> tuple[str, Any]:
+            return c.name, invoke(c)
+
+        return self._call(op, named, None, deadline)
 
     # -- keys -------------------------------------------------------------------
 

@@ -62,9 +62,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from cryptography.x509.oid import NameOID
 
+from ..core import attributes
 from ..core.codes import Code, code_from_name
 from ..core.errors import ModuleCallError
-from ..core.mechanisms import OAEPParams, PSSParams
+from ..core.mechanisms import OAEPParams, PSSParams, ckm_name, ckm_value
 from ..runtime.edge import PRIVATE_KEY, PUBLIC_KEY, Clock, Condition, Thread
 
 __all__ = ["Call", "ScriptedHSM", "ScriptedKey", "ScriptedMechanism", "ScriptedModule", "ScriptedSession",
@@ -818,10 +819,59 @@ def _lookup(label: str | None, key_id: bytes | None) -> str:
     return " and ".join(parts) or "any key"
 
 
+def _mechanism_info(mechanism: ScriptedMechanism) -> tuple[int, int, int]:
+    """(min, max, flags) as SoftHSM reports them for the key type and uses."""
+    sizes = {"RSA": (1024, 16384), "EC": (256, 521), "EC_EDWARDS": (255, 448)}.get(mechanism.key_type, (0, 0))
+    flags = 0
+    if "sign" in mechanism.uses:
+        flags |= _CKF_SIGN | _CKF_VERIFY
+    if "decrypt" in mechanism.uses:
+        flags |= _CKF_ENCRYPT | _CKF_DECRYPT
+    return sizes[0], sizes[1], flags
+
+
+_CKF_ENCRYPT, _CKF_DECRYPT, _CKF_SIGN, _CKF_VERIFY = 0x100, 0x200, 0x800, 0x2000
+_CKK = {"RSA": attributes.CKK_RSA, "EC": attributes.CKK_EC, "EC_EDWARDS": attributes.CKK_EC_EDWARDS}
+
+
+def _pair_objects(pair: _KeyPair, *, private: bool) -> list[dict[int, Any]]:
+    """The raw attribute listing of a key pair's objects (hsmfsm.runtime.edge.Module.list_objects)."""
+    a = attributes
+    public_values = pair.attributes()
+    common: dict[int, Any] = {a.CKA_TOKEN: True, a.CKA_LABEL: pair.label.encode(), a.CKA_ID: pair.key_id,
+                              a.CKA_KEY_TYPE: _CKK[pair.key_type], a.CKA_MODIFIABLE: True, a.CKA_LOCAL: True,
+                              a.CKA_DERIVE: False}
+    material: dict[int, Any] = {}
+    if pair.key_type == "RSA":
+        material = {a.CKA_MODULUS: public_values["modulus"], a.CKA_PUBLIC_EXPONENT: public_values["public_exponent"],
+                    a.CKA_MODULUS_BITS: pair.bits}
+    else:
+        material = {a.CKA_EC_PARAMS: public_values["ec_params"]}
+    rsa = pair.key_type == "RSA"
+    out: list[dict[int, Any]] = []
+    if private:
+        out.append({**common, a.CKA_CLASS: a.CKO_PRIVATE_KEY, a.CKA_PRIVATE: True, a.CKA_SENSITIVE: True,
+                    a.CKA_EXTRACTABLE: False, a.CKA_ALWAYS_SENSITIVE: True, a.CKA_NEVER_EXTRACTABLE: True,
+                    a.CKA_SIGN: True, a.CKA_DECRYPT: rsa, a.CKA_UNWRAP: False, a.CKA_ALWAYS_AUTHENTICATE: False,
+                    **{k: v for k, v in material.items() if k != a.CKA_MODULUS_BITS}})
+    if pair.public:
+        out.append({**common, a.CKA_CLASS: a.CKO_PUBLIC_KEY, a.CKA_PRIVATE: False, a.CKA_VERIFY: True,
+                    a.CKA_ENCRYPT: rsa, a.CKA_WRAP: False, **material,
+                    **({} if rsa else {a.CKA_EC_POINT: public_values["ec_point"]})})
+    if pair.certificate:
+        out.append({a.CKA_CLASS: a.CKO_CERTIFICATE, a.CKA_TOKEN: True, a.CKA_PRIVATE: False,
+                    a.CKA_LABEL: pair.label.encode(), a.CKA_ID: pair.key_id,
+                    a.CKA_CERTIFICATE_TYPE: a.CKC_X_509, a.CKA_VALUE: pair.certificate_der()})
+    return out
+
+
 def _mechanism_value(mechanism: Any) -> ScriptedMechanism | None:
-    """A mechanism by value, name (``CKM_`` prefix optional) or enum with that ``name``; None stays None."""
+    """A mechanism by value, name (``CKM_`` prefix optional), CKM number or enum with that ``name``;
+    None stays None."""
     if mechanism is None or isinstance(mechanism, ScriptedMechanism):
         return mechanism
+    if isinstance(mechanism, int) and not hasattr(mechanism, "name"):
+        mechanism = ckm_name(mechanism)
     name = mechanism if isinstance(mechanism, str) else getattr(mechanism, "name", None)
     if isinstance(name, str):
         found = MECHANISMS.get(name.removeprefix("CKM_"))
@@ -1054,6 +1104,27 @@ class ScriptedModule:
             return frozenset(self.hsm.mechanisms)
 
         return self._run("mechanisms", op, timed=False)
+
+    def mechanism_infos(self, token: Any) -> dict[int, tuple[int, int, int]]:
+        """The scripted token's mechanisms by CKM value, with SoftHSM-like sizes and flags."""
+        def op() -> dict[int, tuple[int, int, int]]:
+            self._check_token(token)
+            return {ckm_value(name): _mechanism_info(MECHANISMS[name])
+                    for name in sorted(self.hsm.mechanisms) if name in MECHANISMS}
+
+        return self._run("mechanisms", op, timed=False)
+
+    def list_objects(self, session: Any) -> list[dict[int, Any]]:
+        """The token's objects as a raw attribute listing (private keys only to a logged-in session):
+        per key pair its private key, its public key object and certificate where it has them."""
+        def op() -> list[dict[int, Any]]:
+            self._check_session(session)
+            out: list[dict[int, Any]] = []
+            for pair in self.hsm._keys:
+                out += _pair_objects(pair, private=self.logged_in)
+            return out
+
+        return self._run("list_objects", op)
 
     def mechanism(self, mechanism: Any) -> Any:
         return _mechanism_value(mechanism)

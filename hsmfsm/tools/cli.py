@@ -14,6 +14,7 @@ from ..audit.diagram import DiagramError
 from ..audit.record import AuditError
 from ..core.errors import HSMError
 from ..core.policy import PolicyError
+from ..runtime.server import ServeError
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -27,6 +28,12 @@ def _status(args: argparse.Namespace) -> int:
 
     from ..runtime.pool import Pool, format_status
 
+    if args.server:
+        return _server_status(args.server, args.json)
+    if not args.pool:
+        print("hsmfsm status: give a pool file, or --server SOCKET", file=sys.stderr)
+        return 2
+
     with Pool.from_yaml(args.pool) as pool:
         if args.json:
             print(json.dumps({"pool": pool.name, "members": [s.as_dict() for s in pool.status()]}, indent=2))
@@ -34,6 +41,58 @@ def _status(args: argparse.Namespace) -> int:
             print(format_status(pool))
         serving = any(s.state in ("logged_in", "degraded") for s in pool.status())
     return 0 if serving else 1
+
+
+def _server_status(path: str, as_json: bool) -> int:
+    import json
+
+    from ..runtime.server import query_status
+
+    state = query_status(path)
+    if as_json:
+        print(json.dumps(state, indent=2))
+    else:
+        print(f"server {state['address']}: pool {state['pool']}, token {state['token_label']!r}, "
+              f"up {state['uptime_seconds']} s")
+        for m in state["members"]:
+            code = f" last {m['last_code']}" if m.get("last_code") else ""
+            print(f"  member {m['name']:<16} {m['role']:<8} {m['state']:<12}{code}")
+        print(f"  applications: {len(state['applications'])} (refused {state['refused_connections']})")
+        for app in state["applications"]:
+            print(f"    uid {app['uid']} pid {app['pid']}: {app['sessions']} sessions, "
+                  f"{'logged in' if app['logged_in'] else 'not logged in'}, {app['requests']} requests")
+    serving = any(m["state"] in ("logged_in", "degraded") for m in state["members"])
+    return 0 if serving else 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from ..config.pool_file import load_pool
+    from ..runtime import server as serving
+    from ..runtime.pool import Pool
+
+    spec = load_pool(args.pool)
+    if spec.serve is None:
+        print(f"hsmfsm serve: {spec.source} has no 'serve:' section (socket, token_label, pin); "
+              "see the pool schema", file=sys.stderr)
+        return 2
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    pool = Pool.from_spec(spec)
+    try:
+        pool.open(wait=args.wait)
+        server = serving.from_spec(pool, spec.serve, socket_path=args.socket).start()
+        try:
+            print(f"P11_KIT_SERVER_ADDRESS={server.address}", flush=True)
+            stop.wait()
+        finally:
+            server.stop()
+    finally:
+        pool.close()
+    return 0
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -129,9 +188,18 @@ def main(argv: list[str] | None = None) -> int:
                         "(default: a warning on stderr); for checks at deploy time")
     p.set_defaults(fn=_check)
     p = sub.add_parser("status", help="connect to a pool and print each member's state, like an HA group display")
-    p.add_argument("pool", help="a pool file")
+    p.add_argument("pool", nargs="?", help="a pool file")
+    p.add_argument("--server", metavar="SOCKET", help="ask a running 'hsmfsm serve' on SOCKET instead: its members "
+                                                      "and connected applications")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
     p.set_defaults(fn=_status)
+    p = sub.add_parser("serve", help="serve the pool as one virtual PKCS#11 slot to applications that load the "
+                                     "stock p11-kit-client.so (P11_KIT_SERVER_ADDRESS)")
+    p.add_argument("pool", help="a pool file with a 'serve:' section")
+    p.add_argument("--socket", metavar="PATH", help="listen here instead of serve.socket")
+    p.add_argument("--wait", type=float, default=10.0,
+                   help="seconds to wait for the members at start (the server starts anyway; default 10)")
+    p.set_defaults(fn=_serve)
     p = sub.add_parser("demo", help="sign through a two-member HA pool while its HSMs are killed, hung and restarted")
     p.add_argument("--speed", type=float, default=1.0, help="script time factor (<1 is faster)")
     p.add_argument("--keep", action="store_true", help="keep the output folder (diagrams, audit record, pool file)")
@@ -181,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         status: int = args.fn(args)
         return status
-    except (PolicyError, HSMError, DiagramError, AuditError, ValueError, OSError) as exc:
+    except (PolicyError, HSMError, DiagramError, AuditError, ServeError, ValueError, OSError) as exc:
         print(f"hsmfsm: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -66,14 +66,16 @@ from pkcs11.util.ec import encode_named_curve_parameters, encode_ec_public_key
 module, label, pin, outdir, rsa_labels, ec_labels = sys.argv[1:7]
 lib = pkcs11.lib(module)
 token = lib.get_token(token_label=label)
+rsa_labels, ec_labels = list(filter(None, rsa_labels.split(","))), list(filter(None, ec_labels.split(",")))
+ids = {kl: bytes([n + 1]) for n, kl in enumerate(rsa_labels + ec_labels)}
 with token.open(rw=True, user_pin=pin) as s:
-    for kl in filter(None, rsa_labels.split(",")):
-        pub, _ = s.generate_keypair(KeyType.RSA, 2048, label=kl, store=True)
+    for kl in rsa_labels:
+        pub, _ = s.generate_keypair(KeyType.RSA, 2048, label=kl, id=ids[kl], store=True)
         open(f"{outdir}/{kl}.pub.der", "wb").write(encode_rsa_public_key(pub))
-    for kl in filter(None, ec_labels.split(",")):
+    for kl in ec_labels:
         params = s.create_domain_parameters(KeyType.EC, {
             pkcs11.Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
-        pub, _ = params.generate_keypair(label=kl, store=True)
+        pub, _ = params.generate_keypair(label=kl, id=ids[kl], store=True)
         open(f"{outdir}/{kl}.pub.der", "wb").write(encode_ec_public_key(pub))
 """
 
@@ -82,7 +84,8 @@ import sys, pkcs11
 from pkcs11 import Attribute, KeyType, ObjectClass
 from pkcs11.util.rsa import encode_rsa_public_key
 from pkcs11.util.ec import encode_named_curve_parameters, encode_ec_public_key
-module, label, pin, outdir, key_label, kind = sys.argv[1:7]
+module, label, pin, outdir, key_label, kind, key_id = sys.argv[1:8]
+key_id = bytes.fromhex(key_id)
 lib = pkcs11.lib(module)
 token = lib.get_token(token_label=label)
 with token.open(rw=True, user_pin=pin) as s:
@@ -90,12 +93,12 @@ with token.open(rw=True, user_pin=pin) as s:
         for obj in list(s.get_objects({Attribute.CLASS: klass, Attribute.LABEL: key_label})):
             obj.destroy()
     if kind == "rsa":
-        pub, _ = s.generate_keypair(KeyType.RSA, 2048, label=key_label, store=True)
+        pub, _ = s.generate_keypair(KeyType.RSA, 2048, label=key_label, id=key_id, store=True)
         der = encode_rsa_public_key(pub)
     else:
         params = s.create_domain_parameters(KeyType.EC, {
             Attribute.EC_PARAMS: encode_named_curve_parameters("secp256r1")}, local=True)
-        pub, _ = params.generate_keypair(label=key_label, store=True)
+        pub, _ = params.generate_keypair(label=key_label, id=key_id, store=True)
         der = encode_ec_public_key(pub)
     open(f"{outdir}/{key_label}.pub.der", "wb").write(der)
 """
@@ -108,6 +111,8 @@ class SoftHSMToken:
     `rsa_keys` and `ec_keys` are the labels of the RSA-2048 and ECDSA P-256
     key pairs generated at provisioning; their public keys are written as DER
     next to the token so that signatures can be verified without the HSM.
+    Each key pair has a CKA_ID (:meth:`key_id`: 01, 02 ... in that order), as
+    deployed keys do: pkcs11-tool and the OpenSSL engine select keys by id.
     """
 
     root: Path
@@ -129,6 +134,11 @@ class SoftHSMToken:
     def env(self) -> dict[str, str]:
         """Environment that points SoftHSM at this token directory."""
         return {"SOFTHSM2_CONF": str(self.conf)}
+
+    def key_id(self, key_label: str) -> bytes:
+        """The CKA_ID the key pair ``key_label`` was provisioned with."""
+        labels = [*self.rsa_keys, *self.ec_keys]
+        return bytes([labels.index(key_label) + 1])
 
     def public_key_der(self, key_label: str) -> bytes:
         return (self.root / f"{key_label}.pub.der").read_bytes()
@@ -172,7 +182,7 @@ class SoftHSMToken:
         else:
             raise LabError(f"{self.root}: no key labelled {key_label!r} was provisioned here")
         _run([sys.executable, "-c", _REPLACE_KEY, find_module("softhsm"), self.label, self.pin, str(self.root),
-              key_label, kind], {**os.environ, **self.env})
+              key_label, kind, self.key_id(key_label).hex()], {**os.environ, **self.env})
         return self
 
 
