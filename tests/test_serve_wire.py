@@ -23,7 +23,7 @@ from hsmfsm.core.mechanisms import ckm_value
 from hsmfsm.rpc import wire
 from hsmfsm.runtime.clock import SYSTEM
 from hsmfsm.runtime.pool import Pool
-from hsmfsm.runtime.server import Server, ServeError, query_status
+from hsmfsm.runtime.server import ServeError, Server, query_status
 from hsmfsm.runtime.vslot import SLOT_ID, SlotConfig
 from hsmfsm.testing import ScriptedHSM, ScriptedModule
 from hypothesis import given, settings
