@@ -1,15 +1,17 @@
 """The layers import one way, and the core stays pure.
 
     core  <-  config  <-  audit  <-  runtime  <-  testing  <-  tools
-      ^-------  p11  <--------------'
-      ^-------  keys <--------------'   (the key objects: runtime, testing and tools use them)
+      ^-------  p11  <--------------'   ^                         |
+      ^-------  keys <--------------'   '-------  metrics  <------'
+                (keys: the key objects, which runtime, testing and tools use)
 
 ``core`` imports nothing else of hsmfsm and none of the modules that would
 give it I/O, a clock or threads; ``p11`` is the only package that imports
 python-pkcs11; ``keys`` (the cryptography key objects bound to a pool) imports
 only ``core``, never the runtime it is bound to; the library never imports
 ``testing`` or ``tools``; nothing imports ``tools`` but the command line's entry
-points.
+points. ``metrics`` (the Prometheus collector) is the only package that imports
+prometheus_client, an optional dependency: ``import hsmfsm`` never loads it.
 """
 
 from __future__ import annotations
@@ -30,7 +32,8 @@ ALLOWED: dict[str, set[str]] = {
     "audit": {"core", "config"},
     "runtime": {"core", "config", "p11", "audit", "keys"},
     "testing": {"core", "config", "p11", "audit", "runtime", "keys"},
-    "tools": {"core", "config", "p11", "audit", "runtime", "testing", "tools", "keys"},
+    "metrics": {"core", "config", "audit", "runtime"},
+    "tools": {"core", "config", "p11", "audit", "runtime", "testing", "tools", "keys", "metrics"},
 }
 #: Modules the pure core must not import (I/O, clock, threads, the PKCS#11 library).
 CORE_FORBIDDEN = {"pkcs11", "threading", "time", "socket", "os", "subprocess", "asyncio", "random",
@@ -86,12 +89,14 @@ def test_imports_flow_one_way(path: Path) -> None:
                 wrong.append(f"line {line}: core imports {name}")
             if name.split(".")[0] == "pkcs11" and layer != "p11":
                 wrong.append(f"line {line}: only hsmfsm.p11 imports python-pkcs11, not {layer or 'the top'}")
+            if name.split(".")[0] == "prometheus_client" and layer != "metrics":
+                wrong.append(f"line {line}: only hsmfsm.metrics imports prometheus_client, not {layer or 'the top'}")
             continue
         target = name.split(".")[1] if name.count(".") else None
         if target is None or target not in ALLOWED:
             continue  # the package itself, or a top-level module
         if layer is None:  # hsmfsm/__init__ and __main__
-            if path.name == "__init__.py" and target in ("tools", "testing"):
+            if path.name == "__init__.py" and target in ("tools", "testing", "metrics"):
                 wrong.append(f"line {line}: the package imports {name}")
             continue
         if target != layer and target not in ALLOWED[layer]:

@@ -493,7 +493,7 @@ class SlotConnection:
     def _perform(self, op: str, lookup: tuple[str | None, str, bytes | None] | None, call: Callable[[Any], Any],
                  deadline: float | None = None, accept: Callable[[Any], bool] | None = None,
                  attempts: Attempts | None = None) -> Any:
-        if attempts is None and self._call_listeners:
+        if attempts is None and self._call_listeners.items:
             return self._perform_recorded(op, lookup, call, deadline, accept)
         started = self._now()
         reissues = 0

@@ -61,31 +61,32 @@ class CallListeners:
     """Listeners of call records (of a connection, or of a pool). Registered and removed under a
     lock of their own; called from a tuple, in the caller's thread, with no lock held."""
 
-    __slots__ = ("_items", "_lock")
+    __slots__ = ("_lock", "items")
 
     def __init__(self) -> None:
-        self._items: tuple[CallListener, ...] = ()
+        #: The listeners; the call path tests this tuple (cheaper than a method) to skip records.
+        self.items: tuple[CallListener, ...] = ()
         self._lock = threading.Lock()
 
     def __bool__(self) -> bool:
-        return bool(self._items)
+        return bool(self.items)
 
     def add(self, listener: CallListener) -> bool:
         """Add ``listener``; True if it is the first."""
         with self._lock:
-            first = not self._items
-            self._items = (*self._items, listener)
+            first = not self.items
+            self.items = (*self.items, listener)
         return first
 
     def remove(self, listener: CallListener) -> None:
         with self._lock:
-            self._items = tuple(x for x in self._items if x is not listener)
+            self.items = tuple(x for x in self.items if x is not listener)
 
     def after_fork_in_child(self) -> None:
         self._lock = threading.Lock()
 
     def emit(self, record: CallRecord) -> None:
-        for listener in self._items:
+        for listener in self.items:
             try:
                 listener(record)
             except Exception:

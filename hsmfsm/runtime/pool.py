@@ -568,7 +568,7 @@ class Pool:
 
     def _call(self, op: str, invoke: Callable[[SlotConnection], Any], mechanism: Any = None,
               deadline: float | None = None, recorded: bool = False) -> Any:
-        if not recorded and self._call_listeners:
+        if not recorded and self._call_listeners.items:
             return self._call_recorded(op, invoke, mechanism, deadline)
         if self._forked:
             self._after_fork()
