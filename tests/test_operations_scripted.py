@@ -320,3 +320,23 @@ def test_a_connection_outside_a_pool_logs_an_empty_pool_field(clock, caplog) -> 
     records = [r for r in caplog.records if r.name == "hsmfsm.transitions"]
     assert records and {r.HSMFSM_POOL for r in records} == {""}
     assert [r.HSMFSM_EVENT for r in records] == ["connect", "session_opened", "login_ok", "close"]
+
+
+# -- hsmfsm health on a file it cannot use (no HSM needed) -----------------------------------------
+
+
+@pytest.mark.parametrize("text", [None, "pool: signer\nmembers: [\n", "pool: signer\nmembers: []\n",
+                                  "pool: s\nmembers:\n  - {name: a, module: /m.so, token_label: t, pin: '1234'}\n"])
+def test_health_of_an_unusable_pool_file_is_unknown_exit_3(tmp_path, text) -> None:
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "pool.yaml"
+    if text is not None:
+        path.write_text(text)
+    proc = subprocess.run([sys.executable, "-m", "hsmfsm", "health", str(path)], capture_output=True, text=True,
+                          timeout=60, cwd=Path(__file__).resolve().parent.parent)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert proc.stdout.startswith(f"HSMFSM UNKNOWN - {path}") and "Traceback" not in proc.stderr
+    assert "'1234'" not in proc.stdout  # a literal PIN is refused without being echoed

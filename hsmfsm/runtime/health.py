@@ -56,10 +56,12 @@ class MemberHealth:
     next_attempt_in: float | None
 
     def as_dict(self) -> dict[str, Any]:
+        """Vault's words: ``healthy`` for :attr:`serving`; times in ISO 8601 (UTC)."""
         d = asdict(self)
-        d["since"], d["unhealthy_since"] = _iso(self.since), _iso(self.unhealthy_since)
-        d["healthy"] = d.pop("serving")
-        return d
+        serving = d.pop("serving")
+        out = {"name": d.pop("name"), "role": d.pop("role"), "state": d.pop("state"), "healthy": serving, **d}
+        out["since"], out["unhealthy_since"] = _iso(self.since), _iso(self.unhealthy_since)
+        return out
 
     def describe(self) -> str:
         """``hsm-b disconnected CKR_DEVICE_ERROR, recovery 2/6`` (a member that does not serve)."""

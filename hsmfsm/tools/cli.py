@@ -36,6 +36,12 @@ def _status(args: argparse.Namespace) -> int:
     return 0 if serving else 1
 
 
+def _health(args: argparse.Namespace) -> int:
+    from .health import run
+
+    return run(args.pool, as_json=args.json, sign_test_label=args.sign_test, wait=args.wait)
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import run
 
@@ -132,6 +138,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("pool", help="a pool file")
     p.add_argument("--json", action="store_true", help="print the same as JSON")
     p.set_defaults(fn=_status)
+    p = sub.add_parser("health", help="check a pool: exit 0 when every active member serves, 1 when fewer do, "
+                                      "2 when none does or a member failed, 3 when the file is unusable")
+    p.add_argument("pool", help="a pool file (its audit record is left to the daemon that runs the pool)")
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.add_argument("--sign-test", metavar="LABEL",
+                   help="also sign and verify with the key LABEL (a dedicated test key) on each serving member")
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="how long to wait for the members to serve (default: the policy's deadline)")
+    p.set_defaults(fn=_health)
     p = sub.add_parser("demo", help="sign through a two-member HA pool while its HSMs are killed, hung and restarted")
     p.add_argument("--speed", type=float, default=1.0, help="script time factor (<1 is faster)")
     p.add_argument("--keep", action="store_true", help="keep the output folder (diagrams, audit record, pool file)")
