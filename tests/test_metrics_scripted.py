@@ -18,9 +18,8 @@ from hsmfsm.testing import VirtualClock
 from scripted_helpers import MECH, PIN, guarded_clock, pool, replicas
 
 prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from hsmfsm.metrics import PrometheusCollector, parse_address  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 pytestmark = pytest.mark.timeout(20)
 ROOT = Path(__file__).resolve().parent.parent
@@ -172,3 +171,28 @@ def test_metrics_addresses(text: str, expected: tuple[str, int]) -> None:
 def test_bad_metrics_addresses(text: str) -> None:
     with pytest.raises(ValueError, match="HOST:PORT"):
         parse_address(text)
+
+
+def test_the_readme_alert_rules_use_metrics_the_collector_exposes(clock) -> None:
+    import re
+
+    import yaml
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```yaml\n(groups:\n.*?)```", readme, re.S)
+    assert block, "the README's alert rules"
+    rules = yaml.safe_load(block.group(1))["groups"][0]["rules"]
+    assert [(r["alert"], r["labels"]["severity"], r.get("for")) for r in rules] == [
+        ("HsmfsmNoMemberServes", "page", "1m"), ("HsmfsmPoolDegraded", "ticket", "10m"),
+        ("HsmfsmMemberFailed", "ticket", None)]
+    hsms = replicas(clock, "hsm-a", "hsm-b")
+    with pool(clock, hsms, pins={"hsm-b": "999999"}) as p:
+        m = scrape(PrometheusCollector(p))
+        exposed = {name for family, samples in m.items() if family != "__types__" for (name, _) in samples}
+        for rule in rules:
+            used = set(re.findall(r"hsmfsm_[a-z_]+", rule["expr"]))
+            assert used and used <= exposed, (rule["alert"], used - exposed)
+        # And they say what they should, here: b failed (fires), fewer than all serve (fires), one serves.
+        assert value(m, "hsmfsm_member_state", pool="signer", member="hsm-b", state="failed") == 1
+        assert value(m, "hsmfsm_pool_serving_members", pool="signer") == 1 < value(m, "hsmfsm_pool_members",
+                                                                                     pool="signer")

@@ -28,9 +28,8 @@ from conftest import sign_ec, verify, wait_for
 from test_systemd import Listener
 
 prometheus_client = pytest.importorskip("prometheus_client")
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
 from hsmfsm.metrics import serve_metrics  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 pytestmark = [pytest.mark.hsm, pytest.mark.timeout(180)]
 
