@@ -51,6 +51,14 @@ class Listener:
     def lines(self, prefix: str) -> list[str]:
         return [line for m in list(self.messages) for line in m.split("\n") if line.startswith(prefix)]
 
+    def mark(self, address: str, text: str) -> list[str]:
+        """Send ``text`` to the socket ourselves and wait until it is read: everything sent before
+        it has been read too (one queue, in order). Returns the messages before the mark."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+            s.sendto(text.encode(), address)
+        assert wait_for(lambda: text in self.messages, 2.0)
+        return self.messages[:self.messages.index(text)]
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(2)
@@ -135,19 +143,26 @@ def test_the_watchdog_pings_at_half_the_interval_and_only_for_its_own_pid(listen
     assert n.watchdog_interval == pytest.approx(0.05)
     assert n.start_watchdog() and not n.start_watchdog()  # one thread
     assert wait_for(lambda: len(sd.lines("WATCHDOG=1")) >= 5, 3.0)
+    thread = n._thread
     n.close()
-    count = len(sd.lines("WATCHDOG=1"))
-    assert not wait_for(lambda: len(sd.lines("WATCHDOG=1")) > count, 0.3)  # close stopped the thread
+    assert thread is not None and not thread.is_alive()  # close stopped the pings
 
 
 def test_watchdog_pings_stop_while_the_application_says_it_is_not_alive(listener, caplog) -> None:
     sd, path = listener
     alive = threading.Event()
+    asked: list[bool] = []
+
+    def check() -> bool:
+        asked.append(alive.is_set())
+        return asked[-1]
+
     n = Notifier.from_environment({"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "60000"})
     with caplog.at_level(logging.ERROR, logger="hsmfsm.systemd"):
-        n.start_watchdog(alive.is_set)
-        assert not wait_for(lambda: sd.lines("WATCHDOG=1"), 0.3)
-        assert "watchdog pings stop: the application's liveness check is not alive" in caplog.text
+        n.start_watchdog(check)
+        assert wait_for(lambda: len(asked) >= 3, 2.0)  # three rounds said "not alive"...
+        assert sd.mark(path, "MARK") == []  # ...and sent nothing
+        assert caplog.text.count("watchdog pings stop: the application's liveness check is not alive") == 1
         alive.set()
         assert wait_for(lambda: len(sd.lines("WATCHDOG=1")) >= 2, 2.0)
     n.close()
@@ -228,8 +243,10 @@ class _StubPool:
         self.name, self.audit = "signer", None
         self.supervisor = self._Thread()
         self._listeners: list[object] = []
+        self.looked = 0  # rounds of the watchdog (each reads the status once)
 
     def status(self) -> list[object]:
+        self.looked += 1
         return [self._Row()]
 
     def member(self, name: str) -> object:
@@ -265,7 +282,9 @@ def test_watchdog_pings_stop_when_a_supervisor_thread_has_died(listener, caplog)
         assert wait_for(lambda: len(sd.lines("WATCHDOG=1")) >= 2, 2.0)
         stub.supervisor.alive = False
         assert wait_for(lambda: "the supervisor thread of signer/hsm-a is not alive" in caplog.text, 2.0)
-        count = len(sd.lines("WATCHDOG=1"))
-        assert not wait_for(lambda: len(sd.lines("WATCHDOG=1")) > count + 1, 0.3)  # at most one in flight
+        before = sd.mark(path, "MARK-1")
+        rounds = stub.looked
+        assert wait_for(lambda: stub.looked >= rounds + 3, 2.0)  # three more rounds of the watchdog...
+        assert sd.mark(path, "MARK-2")[len(before) + 1:] == []  # ...and no ping between the marks
     n.close()
     assert stub._listeners == []  # close removed the STATUS listener
