@@ -29,11 +29,12 @@ from .core.errors import (
     OutcomeUnknown,
 )
 from .core.policy import Policy, PolicyError
-from .core.records import TransitionRecord
+from .core.records import CallRecord, TransitionRecord
 from .core.states import Event, IllegalTransition, State
 from .p11.codes import code_of
 from .runtime.aio import AsyncPool, WorkersBusy
 from .runtime.connection import SlotConnection
+from .runtime.health import PoolHealth
 from .runtime.pool import MemberStatus, Pool
 
 __all__ = [
@@ -42,3 +43,5 @@ __all__ = [
     "OperationFailed", "OutcomeUnknown", "PinError", "Policy", "PolicyError", "Pool", "PoolSpec", "SlotConnection",
     "State", "TransitionRecord", "WorkersBusy", "code_of", "load_policy", "load_pool",
 ]
+# Operations (issue 13): the call hook's record and Pool.health()'s answer.
+__all__ += ["CallRecord", "PoolHealth"]

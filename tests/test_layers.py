@@ -1,9 +1,10 @@
 """The layers import one way, and the core stays pure.
 
     core  <-  config  <-  audit  <-  runtime  <-  testing  <-  tools
-      ^-------  p11  <--------------'
-      ^-------  keys <--------------'   (the key objects: runtime, testing and tools use them)
-      ^-------  rpc  <--------------'   (p11-kit's RPC codec: runtime, testing and tools use it)
+      ^-------  p11  <--------------'   ^                         |
+      ^-------  keys <--------------'   '-------  metrics  <------'
+      ^-------  rpc  <--------------'
+                (keys: the key objects; rpc: p11-kit's RPC codec; runtime, testing and tools use both)
 
 ``core`` imports nothing else of hsmfsm and none of the modules that would
 give it I/O, a clock or threads; ``rpc`` (the p11-kit RPC codec) imports only
@@ -11,7 +12,8 @@ give it I/O, a clock or threads; ``rpc`` (the p11-kit RPC codec) imports only
 python-pkcs11; ``keys`` (the cryptography key objects bound to a pool) imports
 only ``core``, never the runtime it is bound to; the library never imports
 ``testing`` or ``tools``; nothing imports ``tools`` but the command line's entry
-points.
+points. ``metrics`` (the Prometheus collector) is the only package that imports
+prometheus_client, an optional dependency: ``import hsmfsm`` never loads it.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ ALLOWED: dict[str, set[str]] = {
     "audit": {"core", "config"},
     "runtime": {"core", "config", "p11", "audit", "keys", "rpc"},
     "testing": {"core", "config", "p11", "audit", "runtime", "keys", "rpc"},
-    "tools": {"core", "config", "p11", "audit", "runtime", "testing", "tools", "keys", "rpc"},
+    "metrics": {"core", "config", "audit", "runtime"},
+    "tools": {"core", "config", "p11", "audit", "runtime", "testing", "tools", "keys", "metrics", "rpc"},
 }
 #: The layers that must stay pure: no I/O, clock or threads (CORE_FORBIDDEN).
 PURE_LAYERS = {"core", "rpc"}
@@ -101,12 +104,14 @@ def test_imports_flow_one_way(path: Path) -> None:
                 wrong.append(f"line {line}: {layer} imports {name}")
             if name.split(".")[0] == "pkcs11" and layer != "p11" and path not in APPLICATIONS:
                 wrong.append(f"line {line}: only hsmfsm.p11 imports python-pkcs11, not {layer or 'the top'}")
+            if name.split(".")[0] == "prometheus_client" and layer != "metrics":
+                wrong.append(f"line {line}: only hsmfsm.metrics imports prometheus_client, not {layer or 'the top'}")
             continue
         target = name.split(".")[1] if name.count(".") else None
         if target is None or target not in ALLOWED:
             continue  # the package itself, or a top-level module
         if layer is None:  # hsmfsm/__init__ and __main__
-            if path.name == "__init__.py" and target in ("tools", "testing"):
+            if path.name == "__init__.py" and target in ("tools", "testing", "metrics"):
                 wrong.append(f"line {line}: the package imports {name}")
             continue
         if target != layer and target not in ALLOWED[layer]:

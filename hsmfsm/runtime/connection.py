@@ -48,7 +48,7 @@ from ..core.errors import (
     OperationFailed,
 )
 from ..core.policy import Policy
-from ..core.records import Listener, TransitionRecord
+from ..core.records import CallListener, Listener, TransitionRecord
 from ..core.recovery import HealthTracker, ReconnectSchedule
 from ..core.states import ENDS_ATTEMPT, ENDS_GENERATION, SERVING, Event, SlotMachine, State, is_legal
 from ..p11.adapter import ISOLATION, P11Module
@@ -56,7 +56,7 @@ from .clock import SYSTEM
 from .edge import PRIVATE_KEY, PUBLIC_KEY, Clock, Module
 from .generation import CallSlot, Generation, Lease
 from .keyops import RULE_OPERATION, key_ref, mechanism_name, public_key_of, signature_rejected
-from .listeners import Listeners
+from .listeners import Attempts, CallListeners, Listeners
 from .supervisor import Supervisor
 from .watchdog import watchdog_for
 
@@ -184,6 +184,10 @@ class SlotConnection:
         self._slow = policy.degraded.slow_call
         self._pid = os.getpid()
         self._fork_restart = False
+        #: Call listeners (:meth:`add_call_listener`); none: the call path makes no call records.
+        self._call_listeners = CallListeners()
+        #: UNIX time the connection entered its current state (:attr:`since`).
+        self._since = clock.time()
         _LIVE.add(self)
 
     # -- public surface -----------------------------------------------------
@@ -220,6 +224,27 @@ class SlotConnection:
 
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
+
+    def add_call_listener(self, listener: CallListener) -> None:
+        """Call ``listener(record)`` with a :class:`~hsmfsm.core.records.CallRecord` for each attempt
+        of every operation on this connection (``kind`` ``"attempt"``; a call the connection re-issues
+        makes one per try), in the caller's thread once the attempt's outcome is known, never under
+        a lock. A listener that raises is logged, never propagated into the call."""
+        self._call_listeners.add(listener)
+
+    def remove_call_listener(self, listener: CallListener) -> None:
+        self._call_listeners.remove(listener)
+
+    @property
+    def since(self) -> float:
+        """UNIX time the connection entered its current state."""
+        return self._since
+
+    @property
+    def sessions(self) -> int:
+        """Sessions open in the current generation: the logged-in anchor and the callers' sessions."""
+        g = self._g
+        return len(g.leases) + (g.anchor is not None)
 
     def open(self, wait: float | None = None) -> SlotConnection:
         """Start the supervisor and wait up to ``wait`` seconds (default: the policy's deadline)
@@ -456,7 +481,8 @@ class SlotConnection:
             g.mech_values[mechanism] = value
         return value
 
-    def _rejected(self, op: str, g: Generation, reissues: int, started: float, deadline: float | None) -> int:
+    def _rejected(self, op: str, g: Generation, reissues: int, started: float, deadline: float | None,
+                  attempts: Attempts | None = None) -> int:
         """An answer failed its caller's check: an impaired call for the health tracker (as a capacity
         code is, which can take the connection to ``degraded``), then re-issue (returns the count) or
         raise. A pool member raises at once, marked for the pool to ask another member."""
@@ -467,6 +493,8 @@ class SlotConnection:
         self._flush()
         limit = self._deadline if deadline is None else deadline
         if self._wait_for_recovery and reissues < self._max_reissues and self._now() - started < limit:
+            if attempts is not None:
+                attempts.end("SignatureMismatch", None)  # hsmfsm.keys' class, not imported for a name
             return reissues + 1
         error = signature_rejected(self.name, f"{op}: {reissues + 1} answer(s) from {self.name} failed the "
                                    f"caller's check (re-issued {reissues} time(s)); none was returned")
@@ -478,7 +506,10 @@ class SlotConnection:
     # -- the call path ------------------------------------------------------
 
     def _perform(self, op: str, lookup: tuple[str | None, str, bytes | None] | None, call: Callable[[Any], Any],
-                 deadline: float | None = None, accept: Callable[[Any], bool] | None = None) -> Any:
+                 deadline: float | None = None, accept: Callable[[Any], bool] | None = None,
+                 attempts: Attempts | None = None) -> Any:
+        if attempts is None and self._call_listeners.items:
+            return self._perform_recorded(op, lookup, call, deadline, accept)
         started = self._now()
         reissues = 0
         while True:
@@ -493,7 +524,8 @@ class SlotConnection:
                     new = self._new_lease(g)
                 except _OpenFailed as failure:  # nothing of ``op`` was sent: even a non-idempotent call may go again
                     reissues = self._after_error(op, g, failure.error.code, failure.timed_out, reissues, started,
-                                                 sent=False, cause=failure.error, deadline=deadline)
+                                                 sent=False, cause=failure.error, deadline=deadline,
+                                                 attempts=attempts)
                     continue
                 if new is None:
                     continue
@@ -518,7 +550,7 @@ class SlotConnection:
                     lock.release()
                 g.idle.append(lease)
                 reissues = self._after_error(op, g, exc.code, timed_out, reissues, started, cause=exc,
-                                             deadline=deadline)
+                                             deadline=deadline, attempts=attempts)
                 continue
             except BaseException:
                 lease.started = 0.0
@@ -532,11 +564,25 @@ class SlotConnection:
                 lock.release()
             g.idle.append(lease)
             if accept is not None and not accept(result):
-                reissues = self._rejected(op, g, reissues, started, deadline)
+                reissues = self._rejected(op, g, reissues, started, deadline, attempts)
                 continue
             if elapsed > self._slow or not self._health.quiet:
                 self._after_success(g, elapsed)
             return result
+
+    def _perform_recorded(self, op: str, lookup: tuple[str | None, str, bytes | None] | None,
+                          call: Callable[[Any], Any], deadline: float | None,
+                          accept: Callable[[Any], bool] | None) -> Any:
+        """:meth:`_perform` while call listeners are registered: the attempts it re-issues are
+        recorded where it goes on (:meth:`_after_error`, :meth:`_rejected`), the last one here."""
+        attempts = Attempts(self._call_listeners, self._clock, self.name, op)
+        try:
+            result = self._perform(op, lookup, call, deadline, accept, attempts)
+        except BaseException as exc:
+            attempts.failed(exc)
+            raise
+        attempts.end("ok", None)
+        return result
 
     def _find_key(self, lease: Lease, lookup: tuple[str | None, str, bytes | None]) -> Any:
         """Called inside the call path (and its module lock, if any)."""
@@ -570,7 +616,8 @@ class SlotConnection:
         return lease
 
     def _after_error(self, op: str, g: Generation, code: Code, timed_out: bool, reissues: int, started: float,
-                     sent: bool = True, cause: BaseException | None = None, deadline: float | None = None) -> int:
+                     sent: bool = True, cause: BaseException | None = None, deadline: float | None = None,
+                     attempts: Attempts | None = None) -> int:
         """Ask the rule-book, fire its event, and do as it says: re-issue (returns the count) or raise."""
         if timed_out:
             code = CALL_TIMEOUT
@@ -588,6 +635,8 @@ class SlotConnection:
             state = self._machine.current
         self._flush()
         if d.error is None:
+            if attempts is not None:  # the connection goes again: a pool member would raise this
+                attempts.end(MemberUnavailable.__name__, code)
             return reissues + 1
         error = d.error(self.name, f"{op} {d.reason}", code, state, reissue=d.reissue,
                         may_have_acted=d.may_have_acted)
@@ -652,6 +701,8 @@ class SlotConnection:
             self._clock.time(), self.name, before, after, event,
             code.name if code else None, code.value if code else None,
             self._schedule.attempts, self._g.number))
+        if after is not before:
+            self._since = self._outbox[-1].time
         self._changed.notify_all()
         self._wake.set()
 
@@ -748,6 +799,7 @@ class SlotConnection:
         if self._call_lock is not None:
             self._call_lock = self._clock.lock()
         self._listeners.after_fork_in_child()
+        self._call_listeners.after_fork_in_child()
         self._supervisor_slot = CallSlot()
         self._fork_restart = self._supervisor is not None and not self._closing
         self._supervisor = None

@@ -64,13 +64,15 @@ from ..audit.record import AuditLog
 from ..core import rules
 from ..core.errors import AllMembersDown, HSMError, KeyNotFound, MechanismNotSupported
 from ..core.policy import Backoff, ConnectPolicy, Policy, member_policy
-from ..core.records import Listener, TransitionRecord
+from ..core.records import CallListener, CallRecord, Listener, TransitionRecord
 from ..core.recovery import ReconnectSchedule
 from ..core.states import SERVING, Event, State
 from .clock import SYSTEM
 from .connection import SlotConnection
 from .edge import Clock, Module
+from .health import HealthWatch, PoolHealth
 from .keyops import RULE_OPERATION, key_ref, mechanism_name, public_der, signature_rejected
+from .listeners import CallListeners, PoolCall, current_pool_call, outcome_of, pop_pool_call, push_pool_call
 
 if TYPE_CHECKING:
     from ..keys.backend import KeyRef, SignatureCheck
@@ -97,6 +99,10 @@ class MemberStatus:
     isolation: str = "none"  # "process": the module runs in a host process (hsmfsm.p11.host)
     #: Why the member is kept out of service while its state serves (a replica whose key differs).
     error: str | None = None
+    #: UNIX time the member entered its state.
+    since: float | None = None
+    #: Sessions open on the member now (the logged-in one and the callers').
+    sessions: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -163,6 +169,9 @@ class Pool:
         self._mech_names: dict[Any, str | None] = {}
         for m in self._members:
             m.conn.add_listener(self._on_transition)
+            m.conn._listeners.pool = name  # the pool's name in the members' log fields
+        self._call_listeners = CallListeners()
+        self._health_watch = HealthWatch(self)
         #: The pool's audit record (closed with the pool), if the pool file asks for one.
         self.audit = audit
         if audit is not None:
@@ -286,8 +295,39 @@ class Pool:
             out.append(MemberStatus(c.name, "standby" if m.standby else "active", state,
                                     code.name if code else None, code.value if code else None, attempts,
                                     self.max_attempts, None if c.serving else next_in, c.inflight,
-                                    c.isolation, m.mismatch))
+                                    c.isolation, m.mismatch, c.since, c.sessions))
         return out
+
+    def health(self) -> PoolHealth:
+        """Whether every active member serves, since when not, and each member's state and since when
+        (:class:`hsmfsm.runtime.health.PoolHealth`; ``.as_dict()`` in Vault's seal-status shape)."""
+        return self._health_watch.health()
+
+    def add_call_listener(self, listener: CallListener) -> None:
+        """Call ``listener(record)`` with a :class:`~hsmfsm.core.records.CallRecord` for every call of
+        this pool (``kind`` ``"call"``: what the application saw, failover included) and, before it,
+        for each attempt on a member (``kind`` ``"attempt"``, numbered within the pool call).
+        In the caller's thread, never under a lock; a listener that raises is logged, never
+        propagated into the call."""
+        if self._call_listeners.add(listener):
+            for m in self._members:
+                m.conn.add_call_listener(self._member_attempt)
+
+    def remove_call_listener(self, listener: CallListener) -> None:
+        self._call_listeners.remove(listener)
+
+    def _member_attempt(self, record: CallRecord) -> None:
+        """A member's attempt record, passed on to the pool's call listeners with the pool's name
+        (and, inside a call of this pool, the call's attempt number)."""
+        if not self._call_listeners:
+            return
+        call = current_pool_call(self)
+        if call is None:
+            record = dataclasses.replace(record, pool=self.name)
+        else:
+            record = dataclasses.replace(record, pool=self.name, attempt=max(call.attempts, 1),
+                                         reissued=call.attempts > 1)
+        self._call_listeners.emit(record)
 
     def __repr__(self) -> str:
         serving = sum(1 for m in self._members if m.conn.serving)
@@ -550,7 +590,9 @@ class Pool:
     # -- the call path ----------------------------------------------------------
 
     def _call(self, op: str, invoke: Callable[[SlotConnection], Any], mechanism: Any = None,
-              deadline: float | None = None) -> Any:
+              deadline: float | None = None, recorded: bool = False) -> Any:
+        if not recorded and self._call_listeners.items:
+            return self._call_recorded(op, invoke, mechanism, deadline)
         if self._forked:
             self._after_fork()
         until = self._now() + (self._deadline if deadline is None else deadline)
@@ -596,6 +638,32 @@ class Pool:
                 elif self._now() >= until or reissues >= self.policy.operations.max_reissues:
                     raise
                 reissues += 1
+
+    def _call_recorded(self, op: str, invoke: Callable[[SlotConnection], Any], mechanism: Any,
+                       deadline: float | None) -> Any:
+        """:meth:`_call` while call listeners are registered: counts the members it asks, and
+        records the call once it has returned or raised (outside every lock)."""
+        call = PoolCall(self, op, self._now())
+
+        def attempt(conn: SlotConnection) -> Any:
+            call.attempts += 1
+            call.member = conn.name
+            return invoke(conn)
+
+        push_pool_call(call)
+        outcome: tuple[str, Any] = ("ok", None)
+        try:
+            return self._call(op, attempt, mechanism, deadline, recorded=True)
+        except BaseException as exc:
+            outcome = outcome_of(exc)
+            raise
+        finally:
+            pop_pool_call(call)
+            seconds = self._now() - call.started
+            name, code = outcome
+            self._call_listeners.emit(CallRecord(
+                self._clock.time() - seconds, self.name, call.member, op, name, code.name if code else None,
+                code.value if code else None, seconds, call.attempts, call.attempts > 1, "call"))
 
     def _refuse_mechanism(self, op: str, mech: str) -> None:
         """Raise at once when every member's token is known to lack ``mech``."""
@@ -712,6 +780,8 @@ class Pool:
     def _after_fork_in_child(self) -> None:
         self._lock = self._clock.lock()
         self._changed = self._clock.condition(self._lock)  # another thread may have held it at the fork
+        self._call_listeners.after_fork_in_child()
+        self._health_watch.after_fork_in_child()
         self._forked = True
 
 

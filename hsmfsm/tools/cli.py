@@ -72,27 +72,52 @@ def _serve(args: argparse.Namespace) -> int:
     from ..config.pool_file import load_pool
     from ..runtime import server as serving
     from ..runtime.pool import Pool
+    from ..runtime.systemd import Notifier
 
     spec = load_pool(args.pool)
     if spec.serve is None:
         print(f"hsmfsm serve: {spec.source} has no 'serve:' section (socket, token_label, pin); "
               "see the pool schema", file=sys.stderr)
         return 2
+    metrics_at = None
+    if args.metrics:
+        from ..metrics import parse_address
+
+        metrics_at = parse_address(args.metrics)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    notifier = Notifier.from_environment()
     pool = Pool.from_spec(spec)
+    notifier.attach(pool)
+    metrics = None
     try:
         pool.open(wait=args.wait)
         server = serving.from_spec(pool, spec.serve, socket_path=args.socket).start()
         try:
+            if metrics_at is not None:
+                from ..metrics import serve_metrics
+
+                metrics = serve_metrics(pool, *metrics_at)
             print(f"P11_KIT_SERVER_ADDRESS={server.address}", flush=True)
+            notifier.ready()
+            notifier.start_watchdog()
             stop.wait()
+            notifier.stopping()
         finally:
             server.stop()
+            if metrics is not None:
+                metrics.close()
     finally:
         pool.close()
+        notifier.close()
     return 0
+
+
+def _health(args: argparse.Namespace) -> int:
+    from .health import run
+
+    return run(args.pool, as_json=args.json, sign_test_label=args.sign_test, wait=args.wait)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -199,7 +224,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--socket", metavar="PATH", help="listen here instead of serve.socket")
     p.add_argument("--wait", type=float, default=10.0,
                    help="seconds to wait for the members at start (the server starts anyway; default 10)")
+    p.add_argument("--metrics", metavar="HOST:PORT",
+                   help="also serve Prometheus metrics at http://HOST:PORT/metrics (needs hsmfsm[prometheus])")
     p.set_defaults(fn=_serve)
+    p = sub.add_parser("health", help="check a pool: exit 0 when every active member serves, 1 when fewer do, "
+                                      "2 when none does or a member failed, 3 when the file is unusable")
+    p.add_argument("pool", help="a pool file (its audit record is left to the daemon that runs the pool)")
+    p.add_argument("--json", action="store_true", help="print the same as JSON")
+    p.add_argument("--sign-test", metavar="LABEL",
+                   help="also sign and verify with the key LABEL (a dedicated test key) on each serving member")
+    p.add_argument("--wait", type=float, metavar="SECONDS",
+                   help="how long to wait for the members to serve (default: the policy's deadline)")
+    p.set_defaults(fn=_health)
     p = sub.add_parser("demo", help="sign through a two-member HA pool while its HSMs are killed, hung and restarted")
     p.add_argument("--speed", type=float, default=1.0, help="script time factor (<1 is faster)")
     p.add_argument("--keep", action="store_true", help="keep the output folder (diagrams, audit record, pool file)")
