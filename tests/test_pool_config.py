@@ -583,11 +583,15 @@ def test_the_shipped_pools_check_without_their_environment(monkeypatch: pytest.M
     expected = []
     for path in paths:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
+        uses = [(n, line) for n, line in enumerate(lines, 1) if "${HSMFSM_RUN}" in line]
+        members = [n for n, line in uses if "P11_KIT_SERVER_ADDRESS" in line]
         expected += [_warning(Path(path), number, f"members[{index}].env.P11_KIT_SERVER_ADDRESS", "HSMFSM_RUN")
-                     for index, number in enumerate(n for n, line in enumerate(lines, 1) if "${HSMFSM_RUN}" in line)]
-    assert err.getvalue().splitlines() == expected and len(expected) == 4
+                     for index, number in enumerate(members)]
+        expected += [_warning(Path(path), n, "serve.socket", "HSMFSM_RUN") for n, line in uses
+                     if line.strip().startswith("socket:")]
+    assert err.getvalue().splitlines() == expected and len(expected) == 5
     assert len(out.getvalue().splitlines()) == len(paths)
-    assert f"OK {REPO / 'policies' / 'ha-pool.yaml'} (pool signer, 2 members; 2 warnings)" in out.getvalue()
+    assert f"OK {REPO / 'policies' / 'ha-pool.yaml'} (pool signer, 2 members; 3 warnings)" in out.getvalue()
     assert check_any_files(paths, out=io.StringIO(), err=io.StringIO(), strict=True) == 2
 
 
@@ -615,7 +619,7 @@ def test_make_check_passes_without_hsmfsm_run() -> None:
     assert run.returncode == 0, run.stderr
     assert "Traceback" not in run.stdout + run.stderr
     assert run.stdout.count("OK ") == len(paths)
-    assert run.stderr.count(": warning: environment variable HSMFSM_RUN is not set") == 4, run.stderr
+    assert run.stderr.count(": warning: environment variable HSMFSM_RUN is not set") == 5, run.stderr
     strict = subprocess.run([sys.executable, "-m", "hsmfsm", "check", "--strict", *paths], capture_output=True,
                             text=True, timeout=60, cwd=REPO, env=env)
     assert strict.returncode == 2 and "warning" not in strict.stderr, strict.stderr
