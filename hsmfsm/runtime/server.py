@@ -297,6 +297,13 @@ class Server:
             return
         key = self.slot.session_of(request.call.name, request.args)
         with conn.lock:
+            idle = key not in conn.running
+        if idle and self.slot.is_quick(conn.app, request.call.name, request.args):
+            # Nothing of this session is queued or running, and the answer needs no member: answer
+            # here, in order, without a hand-off to a worker.
+            self._reply(conn, code, self._answer(conn, request))
+            return
+        with conn.lock:
             queue = conn.queues.setdefault(key, deque())
             queue.append((code, request))
             if key in conn.running:

@@ -191,6 +191,18 @@ class VirtualSlot:
         self.counters["calls"] += 1
         return handler(self, app, *args)
 
+    def is_quick(self, app: Application, name: str, args: tuple[Any, ...]) -> bool:
+        """Whether a call is answered from the slot's own state, without a member call: the server
+        then answers it at once instead of handing it to a worker (a thread hand-off costs more
+        than the answer). C_Sign/C_SignFinal are quick when the length query's result is kept."""
+        if name in _QUICK:
+            return name not in _NEEDS_MECHANISMS or self._mechanisms is not None
+        if name in ("C_Sign", "C_Decrypt") and len(args) >= 2:
+            session = app.sessions.get(args[0])
+            op = session.operations.get("sign" if name == "C_Sign" else "decrypt") if session else None
+            return op is not None and op.result is not None and op.result_for == (args[1] or b"")
+        return False
+
     @staticmethod
     def session_of(name: str, args: tuple[Any, ...]) -> int | None:
         """The session a call runs on (its first ``u`` argument), for per-session ordering; None for
@@ -737,5 +749,16 @@ _SESSION_CALLS = frozenset({
     "C_VerifyInit", "C_Verify", "C_VerifyUpdate", "C_VerifyFinal", "C_DecryptInit", "C_Decrypt",
     "C_GenerateRandom", "C_SeedRandom", "C_GenerateKeyPair", "C_GenerateKey", "C_DigestInit", "C_Digest",
 })
+#: Calls answered from the slot's own state (no member call), and those of them that need the
+#: mechanism list (read from a member the first time).
+_QUICK = frozenset({
+    "C_Initialize", "C_Finalize", "C_GetInfo", "C_GetSlotList", "C_GetSlotInfo", "C_GetTokenInfo",
+    "C_GetMechanismList", "C_GetMechanismInfo", "C_OpenSession", "C_CloseSession", "C_CloseAllSessions",
+    "C_GetSessionInfo", "C_Login", "C_Logout", "C_FindObjects", "C_FindObjectsFinal", "C_GetAttributeValue",
+    "C_SignInit", "C_SignUpdate", "C_VerifyInit", "C_VerifyUpdate", "C_DecryptInit", "C_SeedRandom",
+    "C_GenerateKeyPair", "C_GenerateKey",
+})
+_NEEDS_MECHANISMS = frozenset({"C_GetMechanismList", "C_GetMechanismInfo", "C_SignInit", "C_VerifyInit",
+                               "C_DecryptInit"})
 #: Every call the virtual slot serves (the others: CKR_FUNCTION_NOT_SUPPORTED).
 SERVED = frozenset(_HANDLERS)

@@ -90,6 +90,65 @@ print(_rate(fn, seconds))
 """
 
 
+_CLIENT_WORKER = r"""
+import os, sys, time, pkcs11
+module, label, pin, key_label, case, seconds = sys.argv[1:7]
+from pkcs11 import Mechanism, ObjectClass
+data, mech = (bytes(128), Mechanism.SHA256_RSA_PKCS) if case == "rsa" else (bytes(32), Mechanism.ECDSA)
+session = pkcs11.lib(module).get_token(token_label=label).open(user_pin=pin)
+key = session.get_key(label=key_label, object_class=ObjectClass.PRIVATE_KEY)
+key.sign(data, mechanism=mech)
+n, end = 0, time.perf_counter() + float(seconds)
+while time.perf_counter() < end:
+    key.sign(data, mechanism=mech)
+    n += 1
+print(n / float(seconds))
+"""
+
+
+def _serve_figures(token: SoftHSMToken, hsm: NetworkHSM, workdir: Path, rounds: int, seconds: float,
+                   out: TextIO) -> dict[str, dict[str, float]]:
+    """A python-pkcs11 application through ``hsmfsm serve`` (one member: this token's server) against
+    the same application through ``p11-kit server`` directly, on the same token. The application
+    runs in a process of its own (as in production) with the same code for both; only
+    ``P11_KIT_SERVER_ADDRESS`` differs. The price is the extra hop plus the server's Python."""
+    import subprocess
+    import sys
+
+    from ..runtime.pool import Pool
+    from ..runtime.server import Server
+    from ..runtime.vslot import SlotConfig
+
+    client = find_module("p11-kit-client")
+    policy = load_policy("network-hsm")
+    members = [(SlotConnection(client, token.label, "env:HSMFSM_BENCH_PIN",
+                               Pool.member_policy(policy, "background", 10.0, 6), name="hsm",
+                               env=hsm.client_env, wait_for_recovery=False), False)]
+    results: dict[str, dict[str, float]] = {}
+    with Pool("bench", members, policy) as pool:
+        server = Server(pool, SlotConfig(token_label="bench-ha", pin=lambda: token.pin),
+                        workdir / "serve" / "s.sock").start()
+        try:
+            def worker(address: str, label: str, case: str) -> float:
+                key_label = "rsa" if case == "rsa" else "ec"
+                proc = subprocess.run([sys.executable, "-I", "-c", _CLIENT_WORKER, client, label, token.pin,
+                                       key_label, case, str(seconds)],
+                                      env={**os.environ, "P11_KIT_SERVER_ADDRESS": address},
+                                      capture_output=True, text=True, timeout=60, check=True)
+                return float(proc.stdout.strip().splitlines()[-1])
+
+            print("-- an application (python-pkcs11, own process) through hsmfsm serve vs through p11-kit server",
+                  file=out)
+            for case, name in (("rsa", "RSA-2048 SHA256_RSA_PKCS"), ("ec", "ECDSA P-256 (prehashed)")):
+                fig = _alternate(partial(worker, hsm.address, token.label, case),
+                                 partial(worker, server.address, "bench-ha", case), rounds)
+                results[f"serve {name}"] = fig
+                _row(f"serve, {name}", fig, out)
+        finally:
+            server.stop()
+    return results
+
+
 def _in_process(token: SoftHSMToken, rounds: int, seconds: float, out: TextIO,
                 managed_kind: str = "managed") -> dict[str, dict[str, float]]:
     """In-process SoftHSM is one instance per process, so each side runs in a worker process.
@@ -219,6 +278,7 @@ def run(rounds: int = 6, seconds: float = 0.5, out: TextIO | None = None) -> dic
                     results[f"network {case}"] = fig
                     _row(case, fig, out)
             results.update(_pool_figures(token, hsm, workdir, rounds, seconds, out))
+            results.update(_serve_figures(token, hsm, workdir, rounds, seconds, out))
             print("-- in-process SoftHSM: each side in a worker process (managed runs with OS locking on)",
                   file=out)
             for case, fig in _in_process(token, rounds, seconds, out).items():
