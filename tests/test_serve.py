@@ -56,7 +56,7 @@ class Lab:
     """Two network HSMs behind relays, a pool over the relays, and a server over the pool."""
 
     def __init__(self, token: SoftHSMToken, root: Path, client_module: str, pin_env: str, policy: Any,
-                 **server: Any) -> None:
+                 keygen: str = "refuse", **server: Any) -> None:
         self.token, self.root, self.client_module = token, root, client_module
         self.hsms: dict[str, NetworkHSM] = {}
         self.relays: dict[str, Relay] = {}
@@ -69,7 +69,8 @@ class Lab:
                                  name=name, env={"P11_KIT_SERVER_ADDRESS": self.relays[name].address},
                                  wait_for_recovery=False), False) for name in self.hsms]
         self.pool = Pool("signer", conns, policy, recovery_interval=0.3, recovery_max_attempts=None).open()
-        self.server = Server(self.pool, SlotConfig(token_label=LABEL, pin=lambda: APP_PIN), root / "run" / "s.sock",
+        self.server = Server(self.pool, SlotConfig(token_label=LABEL, pin=lambda: APP_PIN, keygen=keygen),
+                             root / "run" / "s.sock",
                              **server).start()
         self.address = self.server.address
         self.env = {"P11_KIT_SERVER_ADDRESS": self.address}
@@ -295,6 +296,43 @@ def test_malformed_frames_on_one_connection_leave_another_signing(lab: Lab) -> N
         summary = app.wait(timeout=60.0)
     assert summary.ok > 0 and summary.failed == 0 and summary.bad_signatures == 0, summary
     assert query_status(lab.server.path)["pool"] == "signer"
+
+
+# -- key generation ------------------------------------------------------------------------------
+
+
+def test_keygen_is_refused_by_default_and_goes_to_one_member_with_keygen_primary(
+        token: SoftHSMToken, tmp_path: Path, client_module: str, pin_env: str, fast_policy: Any) -> None:
+    from hsmfsm.testing.lab.clients import pkcs11_tool
+
+    args = ["--token-label", LABEL, "--login", "--pin", APP_PIN, "--keypairgen", "--key-type", "rsa:2048",
+            "--label", "zsk-new", "--id", "0a"]
+    lab = Lab(token, tmp_path / "refuse", client_module, pin_env, fast_policy(call_timeout=1.0, deadline=3.0))
+    try:
+        run = pkcs11_tool(lab.address, *args)
+        # pkcs11-tool reads the mechanism list first: key-pair generation is not on it.
+        assert not run.ok and "mechanism not supported" in run.output, run.output
+        assert sum(lab.calls("C_GenerateKeyPair").values()) == 0
+    finally:
+        lab.close()
+    lab = Lab(token, tmp_path / "primary", client_module, pin_env, fast_policy(call_timeout=1.0, deadline=3.0),
+              keygen="primary")
+    try:
+        pkcs11_tool(lab.address, *args).check()
+        assert lab.calls("C_GenerateKeyPair") == {"hsm-a": 1, "hsm-b": 0}  # the first serving member, once
+        public = tmp_path / "zsk-new.der"
+        pkcs11_tool(lab.address, "--token-label", LABEL, "--read-object", "--type", "pubkey", "--id", "0a",
+                    "--output-file", str(public)).check()
+        data = tmp_path / "data"
+        data.write_bytes(b"signed with a key made through the virtual slot\n")
+        for i in range(4):  # the pool balances over both members; only hsm-a has the key
+            signature = tmp_path / f"sig{i}"
+            pkcs11_sign(lab.address, LABEL, APP_PIN, "zsk-new", "SHA256-RSA-PKCS", data, signature,
+                        key_id="0a").check()
+            openssl_verify(public.read_bytes(), data, signature).check()
+        assert lab.pool.serving_members == ["hsm-a", "hsm-b"]  # hsm-b, lacking the key, still serves the rest
+    finally:
+        lab.close()
 
 
 # -- the command ---------------------------------------------------------------------------------

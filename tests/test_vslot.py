@@ -368,3 +368,67 @@ def test_object_handles_are_stable_across_member_restarts(clock) -> None:
         assert sorted(c.find(s)) == first
         signature = c.sign(s, c.key(s, "rsa"), b"after restart")
         verify_rsa(hsms["hsm-a"], b"after restart", signature)
+
+
+# -- key generation ------------------------------------------------------------------------------
+
+RSA_KEYGEN = ckm_value("RSA_PKCS_KEY_PAIR_GEN")
+
+
+def keygen_templates(label: bytes, key_id: bytes) -> tuple[list[wire.Attribute], list[wire.Attribute]]:
+    public = [wire.Attribute(a.CKA_LABEL, label), wire.Attribute(a.CKA_ID, key_id),
+              wire.Attribute(a.CKA_MODULUS_BITS, 2048), wire.Attribute(a.CKA_VERIFY, True),
+              wire.Attribute(a.CKA_TOKEN, True)]
+    private = [wire.Attribute(a.CKA_LABEL, label), wire.Attribute(a.CKA_ID, key_id),
+               wire.Attribute(a.CKA_SIGN, True), wire.Attribute(a.CKA_TOKEN, True),
+               wire.Attribute(a.CKA_PRIVATE, True), wire.Attribute(a.CKA_SENSITIVE, True)]
+    return public, private
+
+
+def test_keygen_primary_goes_to_the_first_serving_member_alone_and_its_key_signs(clock) -> None:
+    hsms = replicas(clock, "hsm-a", "hsm-b")
+    slot, p = make_slot(clock, hsms, keygen="primary", catalog_max_age=0.0)
+    with p:  # type: ignore[attr-defined]
+        c = Client(clock, slot)
+        s = c.start()
+        c.login(s)
+        (mechanisms,) = c("C_GetMechanismList", SLOT_ID, 64)
+        assert RSA_KEYGEN in mechanisms  # type: ignore[operator]
+        hsms["hsm-a"].down()  # the first serving member is then hsm-b
+        clock.sleep(1.0)
+        public, private = c("C_GenerateKeyPair", s, wire.Mechanism(RSA_KEYGEN), *keygen_templates(b"ksk-new", b"\x09"))
+        assert (hsms["hsm-a"].count("generate_keypair"), hsms["hsm-b"].count("generate_keypair")) == (0, 1)
+        assert [k for k, _ in slot.notes].count("key_generated") == 1  # type: ignore[attr-defined]
+        hsms["hsm-a"].up()
+        clock.sleep(3.0)
+        for _ in range(4):  # round robin would send half of these to hsm-a, which lacks the key
+            signature = c.sign(s, private, b"with the new key")  # type: ignore[arg-type]
+            hsms["hsm-b"].public_key("ksk-new").verify(signature, b"with the new key", padding.PKCS1v15(),
+                                                       hashes.SHA256())
+        assert c.find(s, wire.Attribute(a.CKA_LABEL, b"ksk-new")) == sorted([public, private])  # type: ignore[list-item]
+        assert slot._catalog.pinned  # only hsm-b has it so far
+        hsms["hsm-a"].add_key("ksk-new", "RSA", key_id=b"\x09")  # its replica appears (the same material)
+        for _ in range(4):
+            c.find(s)
+        assert not slot._catalog.pinned
+        assert c.find(s, wire.Attribute(a.CKA_LABEL, b"ksk-new")) == sorted([public, private])  # type: ignore[list-item]
+
+
+def test_keygen_that_may_have_reached_the_hsm_is_never_sent_again(clock) -> None:
+    hsms = replicas(clock, "hsm-a", "hsm-b")
+    slot, p = make_slot(clock, hsms, keygen="primary")
+    with p:  # type: ignore[attr-defined]
+        c = Client(clock, slot)
+        s = c.start()
+        c.login(s)
+        hsms["hsm-a"].fail("generate_keypair", "CKR_DEVICE_ERROR")
+        assert c.refused("C_GenerateKeyPair", s, wire.Mechanism(RSA_KEYGEN),
+                         *keygen_templates(b"zsk", b"\x0a")) == rv("DEVICE_ERROR")
+        assert sum(h.count("generate_keypair") for h in hsms.values()) == 1
+        notes = [f for k, f in slot.notes if k == "outcome_unknown"]  # type: ignore[attr-defined]
+        assert notes and notes[0]["member"] == "hsm-a"
+        assert c.refused("C_GenerateKeyPair", s, wire.Mechanism(ckm_value("AES_KEY_GEN")),
+                         *keygen_templates(b"x", b"\x0b")) == rv("MECHANISM_INVALID")
+        c("C_Logout", s)
+        assert c.refused("C_GenerateKeyPair", s, wire.Mechanism(RSA_KEYGEN),
+                         *keygen_templates(b"y", b"\x0c")) == rv("USER_NOT_LOGGED_IN")

@@ -177,6 +177,32 @@ class P11Module:
         return [{t: None if v is None else attributes.decode_native(t, v, ulong_size=size, byteorder=sys.byteorder)
                  for t, v in obj.items()} for obj in raw]
 
+    def generate_keypair_raw(self, session: Any, mechanism: int, parameter: bytes | None,
+                             public: dict[int, Any], private: dict[int, Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+        """C_GenerateKeyPair with an application's templates ({CKA value: bool, int or bytes}); returns
+        the new public and private key's attributes as :meth:`list_objects` gives them."""
+        size = ctypes.sizeof(ctypes.c_ulong)
+
+        def native(template: dict[int, Any]) -> dict[int, bytes]:
+            return {t: attributes.encode_native(t, v, ulong_size=size, byteorder=sys.byteorder)
+                    for t, v in template.items()}
+
+        code, pub, priv = self.instance.generate_keypair(session.handle, mechanism, parameter, native(public),
+                                                         native(private))
+        if code.value != 0:
+            raise ModuleCallError(code, "C_GenerateKeyPair failed")
+        out = []
+        for handle, klass in ((pub, attributes.CKO_PUBLIC_KEY), (priv, attributes.CKO_PRIVATE_KEY)):
+            wanted = tuple(t for t in attributes.CATALOG if t not in _secret_parts(
+                klass.to_bytes(size, sys.byteorder)))
+            code, raw = self.instance.object_attributes(session.handle, handle, wanted)
+            if code.value != 0:
+                raise ModuleCallError(code, "reading the generated key's attributes failed")
+            out.append({t: None if v is None else attributes.decode_native(t, v, ulong_size=size,
+                                                                            byteorder=sys.byteorder)
+                        for t, v in raw.items()})
+        return out[0], out[1]
+
     def mechanism(self, mechanism: Any) -> Any:
         if isinstance(mechanism, int) and not isinstance(mechanism, pkcs11.Mechanism):
             try:

@@ -78,6 +78,10 @@ class _Attribute(ctypes.Structure):
     _fields_ = [("type", CK_ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", CK_ULONG)]
 
 
+class _Mechanism(ctypes.Structure):
+    _fields_ = [("mechanism", CK_ULONG), ("pParameter", ctypes.c_void_p), ("ulParameterLen", CK_ULONG)]
+
+
 #: CK_UNAVAILABLE_INFORMATION as a CK_ULONG: the length a module writes for an attribute it cannot give.
 UNAVAILABLE = ctypes.c_ulong(-1).value
 CKR_ATTRIBUTE_SENSITIVE = 0x11
@@ -94,13 +98,22 @@ class _InitArgs(ctypes.Structure):
 
 
 # CK_FUNCTION_LIST, as far as hsmfsm calls into it (PKCS#11 2.40 order).
-_FUNCTIONS = ["C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList",
-              "C_GetSlotInfo", "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo",
-              "C_InitToken", "C_InitPIN", "C_SetPIN", "C_OpenSession", "C_CloseSession",
-              "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
-              "C_SetOperationState", "C_Login", "C_Logout", "C_CreateObject", "C_CopyObject",
-              "C_DestroyObject", "C_GetObjectSize", "C_GetAttributeValue", "C_SetAttributeValue",
-              "C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal"]
+#: CK_FUNCTION_LIST of PKCS#11 2.40, in order: every entry after ``version`` (each pointer's offset
+#: depends on all the ones before it, so the list is complete even where hsmfsm calls few).
+_FUNCTIONS = [
+    "C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList", "C_GetSlotInfo",
+    "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo", "C_InitToken", "C_InitPIN", "C_SetPIN",
+    "C_OpenSession", "C_CloseSession", "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
+    "C_SetOperationState", "C_Login", "C_Logout", "C_CreateObject", "C_CopyObject", "C_DestroyObject",
+    "C_GetObjectSize", "C_GetAttributeValue", "C_SetAttributeValue", "C_FindObjectsInit", "C_FindObjects",
+    "C_FindObjectsFinal", "C_EncryptInit", "C_Encrypt", "C_EncryptUpdate", "C_EncryptFinal", "C_DecryptInit",
+    "C_Decrypt", "C_DecryptUpdate", "C_DecryptFinal", "C_DigestInit", "C_Digest", "C_DigestUpdate",
+    "C_DigestKey", "C_DigestFinal", "C_SignInit", "C_Sign", "C_SignUpdate", "C_SignFinal", "C_SignRecoverInit",
+    "C_SignRecover", "C_VerifyInit", "C_Verify", "C_VerifyUpdate", "C_VerifyFinal", "C_VerifyRecoverInit",
+    "C_VerifyRecover", "C_DigestEncryptUpdate", "C_DecryptDigestUpdate", "C_SignEncryptUpdate",
+    "C_DecryptVerifyUpdate", "C_GenerateKey", "C_GenerateKeyPair", "C_WrapKey", "C_UnwrapKey", "C_DeriveKey",
+    "C_SeedRandom", "C_GenerateRandom", "C_GetFunctionStatus", "C_CancelFunction", "C_WaitForSlotEvent",
+]
 
 
 class _FunctionList(ctypes.Structure):
@@ -121,6 +134,9 @@ _PROTO = {
     "C_FindObjectsInit": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_Attribute), CK_ULONG),
     "C_FindObjects": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(CK_ULONG), CK_ULONG, ctypes.POINTER(CK_ULONG)),
     "C_FindObjectsFinal": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
+    "C_GenerateKeyPair": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_Mechanism), ctypes.POINTER(_Attribute),
+                                          CK_ULONG, ctypes.POINTER(_Attribute), CK_ULONG, ctypes.POINTER(CK_ULONG),
+                                          ctypes.POINTER(CK_ULONG)),
 }
 
 
@@ -438,6 +454,37 @@ class ModuleInstance:
                 return code, []
             out.append(values)
         return code_from_value(CKR_OK), out
+
+    def generate_keypair(self, session_handle: int, mechanism: int, parameter: bytes | None,
+                         public: dict[int, bytes], private: dict[int, bytes]) -> tuple[Code, int, int]:
+        """C_GenerateKeyPair with templates of raw (C memory) values: (code, public handle, private
+        handle). Not python-pkcs11's ``generate_keypair``: a virtual slot passes an application's
+        templates through as they are, not the few attributes python-pkcs11 knows."""
+        keep: list[Any] = []
+
+        def template(values: dict[int, bytes]) -> Any:
+            array = (_Attribute * max(1, len(values)))()
+            for i, (t, raw) in enumerate(values.items()):
+                buf = ctypes.create_string_buffer(raw, max(1, len(raw)))
+                keep.append(buf)
+                array[i].type, array[i].pValue, array[i].ulValueLen = t, ctypes.cast(buf, ctypes.c_void_p), len(raw)
+            return array
+
+        mech = _Mechanism()
+        mech.mechanism = mechanism
+        if parameter:
+            pbuf = ctypes.create_string_buffer(parameter, len(parameter))
+            keep.append(pbuf)
+            mech.pParameter, mech.ulParameterLen = ctypes.cast(pbuf, ctypes.c_void_p), len(parameter)
+        pub, priv = CK_ULONG(0), CK_ULONG(0)
+        rv = self._fn["C_GenerateKeyPair"](session_handle, ctypes.byref(mech), template(public), len(public),
+                                           template(private), len(private), ctypes.byref(pub), ctypes.byref(priv))
+        return code_from_value(rv), int(pub.value), int(priv.value)
+
+    def object_attributes(self, session_handle: int, handle: int, types: tuple[int, ...]
+                          ) -> tuple[Code, dict[int, bytes | None]]:
+        """The raw attributes of one object (as :meth:`list_objects` reads them)."""
+        return self._attributes(session_handle, handle, types)
 
     def _attributes(self, session_handle: int, handle: int, types: tuple[int, ...]
                     ) -> tuple[Code, dict[int, bytes | None]]:

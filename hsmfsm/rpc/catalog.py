@@ -222,6 +222,8 @@ class Catalog:
     loads: int = 0
     #: Identities seen twice in the last listing (a configuration error on that member).
     problems: tuple[str, ...] = ()
+    #: Objects only one member has (a key just generated on the primary), by handle: the member.
+    pinned: dict[int, str] = field(default_factory=dict)
 
     def update(self, listing: Iterable[Mapping[int, Any]], member: str) -> tuple[int, int]:
         """Replace the visible objects with a member's listing; returns (added, removed) identities.
@@ -248,6 +250,15 @@ class Catalog:
                 handle = self._handles[ident] = self.first_handle + self._next
                 self._next += 1
             objects[handle] = CatalogObject(handle, ident, dict(values))
+            if handle in self.pinned and self.pinned[handle] != member:
+                del self.pinned[handle]  # another member has it too: its replica appeared
+        for handle, owner in list(self.pinned.items()):
+            if handle in objects:
+                continue
+            if owner == member:  # gone from the one member that had it
+                del self.pinned[handle]
+            elif handle in self._objects:
+                objects[handle] = self._objects[handle]  # not on this member yet: keep serving it from its own
         self._objects = objects
         self.source = member
         self.loads += 1
@@ -255,14 +266,17 @@ class Catalog:
         after = set(seen)
         return len(after - before), len(before - after)
 
-    def add(self, values: Mapping[int, Any]) -> CatalogObject:
-        """One object learnt outside a listing (a key just generated on the primary)."""
+    def add(self, values: Mapping[int, Any], *, pinned: str | None = None) -> CatalogObject:
+        """One object learnt outside a listing (a key just generated on the primary), served by
+        ``pinned`` alone until a listing from another member shows it too."""
         ident = identity_of(values)
         handle = self._handles.get(ident)
         if handle is None:
             handle = self._handles[ident] = self.first_handle + self._next
             self._next += 1
         obj = self._objects[handle] = CatalogObject(handle, ident, dict(values))
+        if pinned is not None:
+            self.pinned[handle] = pinned
         return obj
 
     def _by_identity(self) -> dict[Identity, int]:

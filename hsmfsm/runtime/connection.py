@@ -403,6 +403,18 @@ class SlotConnection:
             "mechanism_infos", None, lambda _session: m.mechanism_infos(g.token), deadline)
         return result
 
+    def generate_keypair_raw(self, mechanism: int, parameter: bytes | None, public: dict[int, Any],
+                             private: dict[int, Any], *, deadline: float | None = None
+                             ) -> tuple[dict[int, Any], dict[int, Any]]:
+        """C_GenerateKeyPair with an application's templates (:meth:`Module.generate_keypair_raw`):
+        the virtual slot's ``keygen: primary``. Not idempotent: never re-issued once it may have
+        reached the HSM (:class:`~hsmfsm.core.errors.OutcomeUnknown`)."""
+        m = self._module
+        result: tuple[dict[int, Any], dict[int, Any]] = self._perform(
+            "generate_keypair", None, lambda s: m.generate_keypair_raw(s, mechanism, parameter, public, private),
+            deadline)
+        return result
+
     # -- keys ---------------------------------------------------------------
 
     def public_key(self, label: str | None = None, *, key_id: bytes | None = None, uri: str | None = None,

@@ -122,6 +122,13 @@ class Module(Protocol):
         CKM values}, None for one the token calls sensitive. Secret key parts are never read."""
         ...
 
+    def generate_keypair_raw(self, session: Any, mechanism: int, parameter: bytes | None,
+                             public: dict[int, Any], private: dict[int, Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+        """C_GenerateKeyPair with an application's templates ({CKA value: bool, int or bytes}, as
+        :mod:`hsmfsm.core.attributes` types them); the new public and private key's attributes, as
+        :meth:`list_objects` gives them. Not idempotent."""
+        ...
+
     def mechanism(self, mechanism: Any) -> Any:
         """The module's value for a mechanism given by name (``"SHA256_RSA_PKCS"``) or as its own value.
         Raises ValueError for a name it does not know."""

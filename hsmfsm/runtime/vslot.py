@@ -50,6 +50,7 @@ from ..core.errors import (
     HSMError,
     KeyNotFound,
     MechanismNotSupported,
+    OutcomeUnknown,
 )
 from ..core.mechanisms import HASH_BY_CKM, HASH_BY_MGF, OAEPParams, PSSParams, ckm_name
 from ..core.policy import Policy
@@ -289,7 +290,7 @@ class VirtualSlot:
     def _load_mechanisms(self, deadline: float | None) -> dict[int, tuple[int, int, int]]:
         member, token = self.pool.mechanism_infos(deadline=deadline)
         assert isinstance(token, dict)
-        mechanisms = served_mechanisms(token)
+        mechanisms = served_mechanisms(token, keygen=self.config.keygen == "primary")
         self._mechanisms = mechanisms
         log.info("virtual slot: %d of the token's %d mechanisms served, read from %s", len(mechanisms),
                  len(token), member)
@@ -386,8 +387,11 @@ class VirtualSlot:
                 added, removed = self._catalog.update(listing, member)
                 self._catalog_at = self._clock.monotonic()
                 problems = self._catalog.problems
+                # A key only one member has (keygen: primary) is not the pool's reference yet: the
+                # replica check would keep every other member out for lacking it.
                 keys = [(o.label, o.key_id) for o in self._catalog.objects()
-                        if o.object_class == a.CKO_PRIVATE_KEY and (o.label or o.key_id)]
+                        if o.object_class == a.CKO_PRIVATE_KEY and (o.label or o.key_id)
+                        and o.handle not in self._catalog.pinned]
             for problem in problems:
                 log.error("virtual slot: %s", problem)
             if added or removed:
@@ -409,7 +413,7 @@ class VirtualSlot:
                 self._known_keys.add((label, key_id))
 
     def _catalog_for_find(self) -> Catalog:
-        stale = self._clock.monotonic() - self._catalog_at > self.config.catalog_max_age
+        stale = self._clock.monotonic() - self._catalog_at >= self.config.catalog_max_age
         if stale or not self._catalog.loaded:
             try:
                 self._refresh_catalog(None)
@@ -556,13 +560,19 @@ class VirtualSlot:
         return (op.result,)
 
     def _sign_with(self, op: Operation, data: bytes) -> bytes:
-        signature: bytes = self.pool.sign(op.obj.label, data, op.mechanism, op.param, key_id=op.obj.key_id)
+        o = op.obj
+        signature: bytes = self._on_member(
+            o, lambda: self.pool.sign(o.label, data, op.mechanism, op.param, key_id=o.key_id),
+            lambda c: c.sign(o.label, data, op.mechanism, op.param, key_id=o.key_id))
         self.counters["signatures"] += 1
         self._outage = False
         return signature
 
     def _decrypt_with(self, op: Operation, data: bytes) -> bytes:
-        plain: bytes = self.pool.decrypt(op.obj.label, data, op.mechanism, op.param, key_id=op.obj.key_id)
+        o = op.obj
+        plain: bytes = self._on_member(
+            o, lambda: self.pool.decrypt(o.label, data, op.mechanism, op.param, key_id=o.key_id),
+            lambda c: c.decrypt(o.label, data, op.mechanism, op.param, key_id=o.key_id))
         self._outage = False
         return plain
 
@@ -584,7 +594,10 @@ class VirtualSlot:
         op = self._operation(app, handle, "verify")
         self._end(app, handle, "verify")
         try:
-            ok = self.pool.verify(op.obj.label, data, signature, op.mechanism, op.param, key_id=op.obj.key_id)
+            o = op.obj
+            ok = self._on_member(
+                o, lambda: self.pool.verify(o.label, data, signature, op.mechanism, op.param, key_id=o.key_id),
+                lambda c: c.verify(o.label, data, signature, op.mechanism, op.param, key_id=o.key_id))
         except HSMError as exc:
             raise self._refusal(exc, "C_Verify") from None
         self._outage = False
@@ -624,6 +637,57 @@ class VirtualSlot:
         raise Refused(_rv("FUNCTION_NOT_SUPPORTED"), "key generation is not replicated: generate keys on the "
                                                      "members (or replicate the token), see the README")
 
+    def _generate_keypair(self, app: Application, handle: int, mechanism: wire.Mechanism | None,
+                          public: list[wire.Attribute], private: list[wire.Attribute]) -> tuple[Any, ...]:
+        """``keygen: primary``: to the first serving member only, never re-sent; the new key is
+        served by that member alone until a listing from another member shows its replica."""
+        if self.config.keygen != "primary":
+            return self._keygen(app, handle)
+        with self._lock:
+            self._session(app, handle)
+            if not app.logged_in:
+                raise Refused(_rv("USER_NOT_LOGGED_IN"))
+        if mechanism is None:
+            raise Refused(_rv("MECHANISM_INVALID"))
+        if mechanism.type not in self._need_mechanisms():
+            raise Refused(_rv("MECHANISM_INVALID"))
+        parameter = mechanism.param if isinstance(mechanism.param, bytes) else None
+        if mechanism.param is not None and parameter is None:
+            raise Refused(_rv("MECHANISM_PARAM_INVALID"))
+        serving = self.pool.serving_members
+        if not serving:
+            raise self._refusal(AllMembersDown(self.pool.name, {}), "C_GenerateKeyPair")
+        primary = serving[0]
+        templates = [{x.type: x.value for x in template if x.valid} for template in (public, private)]
+        try:
+            pub, priv = self.pool.member(primary).generate_keypair_raw(mechanism.type, parameter, *templates)
+        except HSMError as exc:
+            if isinstance(exc, OutcomeUnknown) or exc.may_have_acted:
+                self._note("outcome_unknown", member=primary, call="C_GenerateKeyPair", detail=str(exc)[:300])
+                log.error("virtual slot: C_GenerateKeyPair on %s may or may not have made a key; not re-sent: %s",
+                          primary, exc)
+                raise Refused(_rv("DEVICE_ERROR"), str(exc)) from None
+            raise self._refusal(exc, "C_GenerateKeyPair") from None
+        with self._lock:
+            pub_obj = self._catalog.add(pub, pinned=primary)
+            priv_obj = self._catalog.add(priv, pinned=primary)
+        self._note("key_generated", member=primary, label=priv_obj.label,
+                   key_id=priv_obj.key_id.hex() if priv_obj.key_id else None)
+        return (pub_obj.handle, priv_obj.handle)
+
+    def _on_member(self, obj: CatalogObject, pooled: Callable[[], Any], direct: Callable[[Any], Any]) -> Any:
+        """An operation on ``obj``: through the pool, or, while the key is only on the member that
+        generated it, on that member first (the pool's other members would answer "no such key")."""
+        owner = self._catalog.pinned.get(obj.handle)
+        if owner is None:
+            return pooled()
+        try:
+            return direct(self.pool.member(owner))
+        except HSMError as exc:
+            if not exc.reissue:
+                raise
+            return pooled()  # the owner is down: a replica may have appeared meanwhile
+
     # -- errors -----------------------------------------------------------------------------------
 
     def _refusal(self, exc: HSMError, call: str) -> Refused:
@@ -655,7 +719,8 @@ class VirtualSlot:
 CKF_ENCRYPT, CKF_DECRYPT, CKF_SIGN, CKF_VERIFY = 0x100, 0x200, 0x800, 0x2000
 
 
-def served_mechanisms(token: dict[int, tuple[int, int, int]]) -> dict[int, tuple[int, int, int]]:
+def served_mechanisms(token: dict[int, tuple[int, int, int]], *, keygen: bool = False
+                      ) -> dict[int, tuple[int, int, int]]:
     """The token's mechanisms the virtual slot serves, with the flags it serves them for: the
     asymmetric sign, verify and decrypt families (what the pool's idempotent paths carry).
     Key generation, digests, HMAC and symmetric ciphers are left out: advertising them would only
@@ -663,6 +728,9 @@ def served_mechanisms(token: dict[int, tuple[int, int, int]]) -> dict[int, tuple
     out: dict[int, tuple[int, int, int]] = {}
     for value, (low, high, flags) in token.items():
         name = ckm_name(value)
+        if keygen and name in _KEYGEN_MECHANISMS and flags & CKF_GENERATE_KEY_PAIR:
+            out[value] = (low, high, CKF_GENERATE_KEY_PAIR)
+            continue
         if not any(name == f or name.endswith("_" + f) for f in _SERVED_FAMILIES):
             continue
         served = flags & (CKF_SIGN | CKF_VERIFY | CKF_DECRYPT)
@@ -671,6 +739,9 @@ def served_mechanisms(token: dict[int, tuple[int, int, int]]) -> dict[int, tuple
     return out
 
 
+CKF_GENERATE_KEY_PAIR = 0x10000
+#: The key-pair generation mechanisms ``keygen: primary`` passes to the primary.
+_KEYGEN_MECHANISMS = frozenset({"RSA_PKCS_KEY_PAIR_GEN", "EC_KEY_PAIR_GEN"})
 #: Mechanism names (or their ``_``-suffix) the virtual slot serves.
 _SERVED_FAMILIES = ("RSA_PKCS", "RSA_X_509", "RSA_PKCS_PSS", "RSA_PKCS_OAEP", "ECDSA", "EDDSA")
 
@@ -737,7 +808,7 @@ def _handler_table() -> dict[str, Callable[..., tuple[Any, ...]]]:
         "C_VerifyUpdate": update("verify"), "C_VerifyFinal": v._verify_final,
         "C_DecryptInit": init("decrypt", a.CKA_DECRYPT, _SIGN_CLASSES), "C_Decrypt": v._decrypt,
         "C_GenerateRandom": v._random, "C_SeedRandom": v._seed_random,
-        "C_GenerateKeyPair": v._keygen, "C_GenerateKey": v._keygen,
+        "C_GenerateKeyPair": v._generate_keypair, "C_GenerateKey": v._keygen,
     }
 
 

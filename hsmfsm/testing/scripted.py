@@ -246,6 +246,7 @@ _SMALL_PRIMES = [p for p in range(3, 2000, 2) if all(p % q for q in range(3, int
 _SMALL_PRODUCT = functools.reduce(lambda a, b: a * b, _SMALL_PRIMES)
 _CURVES: dict[int, ec.EllipticCurve] = {256: ec.SECP256R1(), 384: ec.SECP384R1(), 521: ec.SECP521R1()}
 _CURVE_OIDS = {"secp256r1": "1.2.840.10045.3.1.7", "secp384r1": "1.3.132.0.34", "secp521r1": "1.3.132.0.35"}
+_CURVE_OIDS_BY_BITS = {256: _CURVE_OIDS["secp256r1"], 384: _CURVE_OIDS["secp384r1"], 521: _CURVE_OIDS["secp521r1"]}
 _ED25519_OID = "1.3.101.112"
 _HASHES: dict[str, type[hashes.HashAlgorithm]] = {
     "SHA1": hashes.SHA1, "SHA224": hashes.SHA224, "SHA256": hashes.SHA256, "SHA384": hashes.SHA384,
@@ -831,6 +832,7 @@ def _mechanism_info(mechanism: ScriptedMechanism) -> tuple[int, int, int]:
 
 
 _CKF_ENCRYPT, _CKF_DECRYPT, _CKF_SIGN, _CKF_VERIFY = 0x100, 0x200, 0x800, 0x2000
+_CKF_GENERATE_KEY_PAIR = 0x10000
 _CKK = {"RSA": attributes.CKK_RSA, "EC": attributes.CKK_EC, "EC_EDWARDS": attributes.CKK_EC_EDWARDS}
 
 
@@ -1109,8 +1111,12 @@ class ScriptedModule:
         """The scripted token's mechanisms by CKM value, with SoftHSM-like sizes and flags."""
         def op() -> dict[int, tuple[int, int, int]]:
             self._check_token(token)
-            return {ckm_value(name): _mechanism_info(MECHANISMS[name])
-                    for name in sorted(self.hsm.mechanisms) if name in MECHANISMS}
+            infos = {ckm_value(name): _mechanism_info(MECHANISMS[name])
+                     for name in sorted(self.hsm.mechanisms) if name in MECHANISMS}
+            # The token generates RSA and EC key pairs (generate_keypair, generate_keypair_raw).
+            infos[ckm_value("RSA_PKCS_KEY_PAIR_GEN")] = (1024, 16384, _CKF_GENERATE_KEY_PAIR)
+            infos[ckm_value("EC_KEY_PAIR_GEN")] = (256, 521, _CKF_GENERATE_KEY_PAIR)
+            return infos
 
         return self._run("mechanisms", op, timed=False)
 
@@ -1189,6 +1195,38 @@ class ScriptedModule:
                                       f"{bits} bits") from None
             self.hsm._keys.append(pair)
             return ScriptedKey(label, PUBLIC_KEY, pair.key_type, s, pair)
+
+        return self._run("generate_keypair", op)
+
+    def generate_keypair_raw(self, session: Any, mechanism: int, parameter: bytes | None,
+                             public: dict[int, Any], private: dict[int, Any]) -> tuple[dict[int, Any], dict[int, Any]]:
+        """A new key pair from an application's templates: RSA (CKA_MODULUS_BITS) or EC (CKA_EC_PARAMS
+        of a named curve), with the templates' CKA_LABEL and CKA_ID."""
+        a = attributes
+
+        def op() -> tuple[dict[int, Any], dict[int, Any]]:
+            self._check_session(session)
+            if not self.logged_in:
+                raise ModuleCallError(USER_NOT_LOGGED_IN, f"{self.name}: generate_keypair needs a login")
+            name = ckm_name(mechanism)
+            raw_label = private.get(a.CKA_LABEL, public.get(a.CKA_LABEL, b""))
+            label = raw_label.decode() if isinstance(raw_label, bytes) else str(raw_label)
+            key_id = private.get(a.CKA_ID, public.get(a.CKA_ID))
+            if name == "RSA_PKCS_KEY_PAIR_GEN":
+                kt, bits = "RSA", int(public.get(a.CKA_MODULUS_BITS, 2048))
+            elif name == "EC_KEY_PAIR_GEN":
+                params = public.get(a.CKA_EC_PARAMS, b"")
+                curves = {_der_oid(oid): size for size, oid in _CURVE_OIDS_BY_BITS.items()}
+                if params not in curves:
+                    raise ModuleCallError(code_from_name("CKR_DOMAIN_PARAMS_INVALID"),
+                                          f"{self.name}: EC parameters not a named curve this token knows")
+                kt, bits = "EC", curves[params]
+            else:
+                raise ModuleCallError(MECHANISM_INVALID, f"{self.name}: cannot generate key pairs with {name}")
+            pair = self.hsm._new_pair(label, kt, bits, key_id=key_id if isinstance(key_id, bytes) else None)
+            self.hsm._keys.append(pair)
+            objects = _pair_objects(pair, private=True)
+            return objects[1], objects[0]
 
         return self._run("generate_keypair", op)
 
