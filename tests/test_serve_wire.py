@@ -289,3 +289,45 @@ def test_random_request_bodies_get_an_error_reply_or_an_answer(served: Server, d
     assert len(reply) >= 8
     assert w.call("C_GetSlotList", 1, 4) == ([SLOT_ID],)  # the connection is still usable
     w.close()
+
+
+def test_applications_logins_and_refusals_are_on_the_audit_record(tmp_path: Path, served: Server) -> None:
+    from hsmfsm.audit.record import AuditLog, verify
+
+    log_path = tmp_path / "audit.log"
+    audit = AuditLog(log_path, pool="signer")
+    recorded = Server(served.pool, served.slot.config, tmp_path / "rec" / "s.sock", note=audit.note).start()
+    try:
+        w = Wire(recorded.path)
+        w.call("C_Initialize", wire.HANDSHAKE, 0, None)
+        (session,) = w.call("C_OpenSession", SLOT_ID, 6)
+        assert w.error("C_Login", session, 1, b"wrong-9911") == rv("PIN_INCORRECT")
+        w.call("C_Login", session, 1, APP_PIN.encode())
+        w.close()
+        assert wait_for_departure(recorded)
+    finally:
+        recorded.stop()
+        audit.close()
+    import json
+
+    records = [json.loads(line) for line in log_path.read_text().splitlines()]
+    kinds = [r["kind"] for r in records]
+    assert kinds[:1] == ["opened"]
+    assert [k for k in kinds if k != "opened"] == ["application_connected", "login_refused", "login",
+                                                   "application_disconnected"]
+    connected = records[kinds.index("application_connected")]
+    assert (connected["uid"], connected["peer_pid"]) == (os.getuid(), os.getpid())
+    assert "wrong-9911" not in log_path.read_text() and APP_PIN not in log_path.read_text()
+    assert verify([str(log_path)]).ok
+
+
+def wait_for_departure(server: Server, timeout: float = 5.0) -> bool:
+    """Until the server has no application (it drops one from its status after recording it)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if not server.status()["applications"]:
+            return True
+        time.sleep(0.02)
+    return False

@@ -432,3 +432,22 @@ def test_keygen_that_may_have_reached_the_hsm_is_never_sent_again(clock) -> None
         c("C_Logout", s)
         assert c.refused("C_GenerateKeyPair", s, wire.Mechanism(RSA_KEYGEN),
                          *keygen_templates(b"y", b"\x0c")) == rv("USER_NOT_LOGGED_IN")
+
+
+def test_decrypt_with_a_length_query_through_the_pool(clock) -> None:
+    hsms = replicas(clock, "hsm-a", "hsm-b")
+    slot, p = make_slot(clock, hsms)
+    with p:  # type: ignore[attr-defined]
+        c = Client(clock, slot)
+        s = c.start()
+        c.login(s)
+        key = c.key(s, "rsa")
+        secret = b"a session key, wrapped"
+        ciphertext = hsms["hsm-a"].public_key("rsa").encrypt(secret, padding.PKCS1v15())
+        c("C_DecryptInit", s, wire.Mechanism(ckm_value("RSA_PKCS")), key)
+        (size,) = c("C_Decrypt", s, ciphertext, None)
+        assert size == wire.Length(len(secret))
+        hsms["hsm-a"].down()  # the plaintext was kept from the length query: no member needed
+        assert c("C_Decrypt", s, ciphertext, len(secret)) == (secret,)
+        c("C_DecryptInit", s, wire.Mechanism(ckm_value("RSA_PKCS")), key)
+        assert c("C_Decrypt", s, ciphertext, 256) == (secret,)  # on hsm-b

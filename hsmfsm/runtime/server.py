@@ -277,10 +277,12 @@ class Server:
             pass
         finally:
             with self._lock:
-                known = self._connections.pop(conn.number, None) is not None
+                known = conn.number in self._connections
             if known:
                 _wait_idle(conn, 30.0)
                 self.slot.disconnected(conn.app)
+                with self._lock:  # gone from the status only once its record is out
+                    self._connections.pop(conn.number, None)
             self._close(conn)
 
     def _dispatch(self, conn: _Connection, code: int, data: bytes) -> None:
