@@ -300,9 +300,11 @@ class Server:
         key = self.slot.session_of(request.call.name, request.args)
         with conn.lock:
             idle = key not in conn.running
-        if idle and self.slot.is_quick(conn.app, request.call.name, request.args):
-            # Nothing of this session is queued or running, and the answer needs no member: answer
-            # here, in order, without a hand-off to a worker.
+        if idle and (len(conn.app.sessions) <= 1 and not conn.running
+                     or self.slot.is_quick(conn.app, request.call.name, request.args)):
+            # Nothing of this session is queued or running, and either the answer needs no member,
+            # or the connection has a single session (so no request of another session can be
+            # waiting behind this one): answer here, in order, without a hand-off to a worker.
             self._reply(conn, code, self._answer(conn, request))
             return
         with conn.lock:
