@@ -338,7 +338,7 @@ def test_keygen_is_refused_by_default_and_goes_to_one_member_with_keygen_primary
 # -- the command ---------------------------------------------------------------------------------
 
 
-def test_hsmfsm_serve_runs_from_a_pool_file_reports_status_and_stops_on_sigterm(
+def test_hsmfsm_serve_runs_from_a_pool_file_with_metrics_and_systemd_and_stops_on_sigterm(
         token: SoftHSMToken, tmp_path: Path, client_module: str, pin_env: str,
         monkeypatch: pytest.MonkeyPatch) -> None:
     hsm = NetworkHSM(token.replicate(tmp_path / "m"), tmp_path / "m.sock").start()
@@ -360,14 +360,32 @@ serve:
   token_label: {LABEL}
   pin: env:HSMFSM_TEST_APP_PIN
 """)
-        proc = subprocess.Popen([sys.executable, "-m", "hsmfsm", "serve", str(pool_file)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True, env=os.environ.copy())
+        import socket as sockets
+        import urllib.request
+
+        with sockets.socket() as probe:  # a free loopback port for the metrics
+            probe.bind(("127.0.0.1", 0))
+            port = probe.getsockname()[1]
+        notify = sockets.socket(sockets.AF_UNIX, sockets.SOCK_DGRAM)
+        notify.bind(str(tmp_path / "notify.sock"))
+        notify.settimeout(30.0)
+        env = {**os.environ, "NOTIFY_SOCKET": str(tmp_path / "notify.sock")}
+        proc = subprocess.Popen([sys.executable, "-m", "hsmfsm", "serve", str(pool_file), "--metrics",
+                                 f"127.0.0.1:{port}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True, env=env)
         try:
             assert proc.stdout is not None
             line = proc.stdout.readline().strip()
             assert line == f"P11_KIT_SERVER_ADDRESS=unix:path={socket_path}", (line, proc.stderr.read()
                                                                                if proc.poll() is not None else "")
             assert token_labels(list_slots(line.split("=", 1)[1]).check().stdout) == [LABEL]
+            messages = []
+            while not any("READY=1" in m for m in messages):
+                messages.append(notify.recv(4096).decode())
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+                exposition = reply.read().decode()
+            assert 'hsmfsm_member_up{member="hsm-m",pool="served"} 1.0' in exposition
+            assert APP_PIN not in exposition and token.pin not in exposition
             status = subprocess.run([sys.executable, "-m", "hsmfsm", "status", "--server", str(socket_path)],
                                     capture_output=True, text=True, timeout=30)
             assert status.returncode == 0, status.stderr
@@ -376,6 +394,7 @@ serve:
             assert proc.wait(timeout=30) == 0
             assert not socket_path.exists()
         finally:
+            notify.close()
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
