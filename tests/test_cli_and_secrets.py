@@ -80,6 +80,10 @@ def test_demo_entry_point_runs_clean_and_leaves_no_process(tmp_path):
     assert re.search(r"wrong signatures\s+: 0\b", text), text
     assert int(re.search(r"signatures made and verified : (\d+)", text).group(1)) > 100
     assert "final states                 : hsm-a logged_in, hsm-b logged_in" in text, text
+    served = re.search(r"through the virtual slot .*: (\d+) signatures verified, (\d+) failed, (\d+) wrong, "
+                       r"(\d+) C_Finalize", text)
+    assert served and int(served.group(1)) > 0 and served.groups()[1:] == ("0", "0", "0"), text
+    assert "pkcs11-tool + openssl verify : OK" in text, text
     assert "before signing again: hsm-a logged_in, hsm-b logged_in" in text, text
     timeline = text.split("timeline of transitions")[1].split("tally:")[0]
     assert re.search(r"demo/hsm-a\s+logged_in -> disconnected on connection_lost  CKR_DEVICE_ERROR", timeline)

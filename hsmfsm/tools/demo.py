@@ -8,6 +8,12 @@ threads through the pool, verifying every signature with the public key.
 Meanwhile a script kills, hangs and restarts the HSMs. The caller should see
 no failure at all: calls that die on one member go again to the other.
 
+The same pool is also served as one virtual PKCS#11 slot (``hsmfsm serve``'s
+server, from the pool file's ``serve:`` section), and an *unmodified*
+python-pkcs11 application in a process of its own signs through the stock
+``p11-kit-client.so`` for the whole script; at the end ``pkcs11-tool`` signs
+through it and ``openssl`` verifies the signature.
+
 At the end it prints the timeline of transitions (read back from the audit
 record), the tally, and the verdict of ``hsmfsm audit verify``, and writes
 the diagrams and the record into an output folder. Every process it started
@@ -34,8 +40,10 @@ from ..audit import diagram
 from ..audit import record as audit
 from ..config.pool_file import load_pool
 from ..core.errors import HSMError
+from ..runtime import server as slot_server
 from ..runtime.pool import MemberStatus, Pool
-from ..testing.lab import NetworkHSM, SoftHSMToken, find_module
+from ..testing.lab import NetworkHSM, SoftHSMToken, clients, find_module
+from ..testing.lab.app import App, AppSummary
 
 #: (seconds after start, action, member, what it shows)
 SCRIPT: list[tuple[float, str, str, str]] = [
@@ -80,7 +88,14 @@ members:
     env: {{P11_KIT_SERVER_ADDRESS: "unix:path=${{HSMFSM_RUN}}/hsm-b.sock"}}
     token_label: {label}
     pin: env:HSMFSM_DEMO_PIN
+# The pool as one virtual PKCS#11 slot for applications that load p11-kit-client.so.
+serve:
+  socket: "${{HSMFSM_RUN}}/serve/demo-ha.sock"
+  token_label: demo-ha
+  pin: env:HSMFSM_DEMO_APP_PIN
 """
+#: The application PIN of the demo's virtual slot (not the HSMs' PIN: that one never leaves the pool).
+APP_PIN = "demo-app-pin"
 
 
 class _Signers:
@@ -175,6 +190,7 @@ def run(out: TextIO | None = None, speed: float = 1.0, keep: bool = False, outdi
                                               label=token.label))
         os.environ["HSMFSM_RUN"] = str(run_dir)
         os.environ["HSMFSM_DEMO_PIN"] = token.pin
+        os.environ["HSMFSM_DEMO_APP_PIN"] = APP_PIN
         public = serialization.load_der_public_key(token.public_key_der("ec"))
         assert isinstance(public, ec.EllipticCurvePublicKey)
         spec = load_pool(pool_file)
@@ -182,9 +198,23 @@ def run(out: TextIO | None = None, speed: float = 1.0, keep: bool = False, outdi
         signers = _Signers(pool, public)
         with pool:
             say(f"pool {pool.name} open: {_status_line(pool, signers)}")
-            signers.start()
-            _play(pool, signers, hsms, say, speed, t0, tty, out)
-            clean = signers.join(10)
+            assert spec.serve is not None
+            server = slot_server.from_spec(pool, spec.serve).start()
+            app = App(server.address, spec.serve.token_label, APP_PIN, "rsa", threads=1, seconds=None,
+                      until_file=lab / "app-stop", public_der=token.root / "rsa.pub.der")
+            try:
+                app.start()
+                app.wait_ready()
+                say(f"virtual slot {spec.serve.token_label!r} served on {server.address}; an unmodified "
+                    f"python-pkcs11 application (pid {app.pid}) signs through p11-kit-client.so")
+                signers.start()
+                _play(pool, signers, hsms, say, speed, t0, tty, out)
+                clean = signers.join(10)
+                served = app.finish(timeout=30.0)
+                tool = _pkcs11_tool_check(server.address, spec.serve.token_label, token, lab)
+            finally:
+                app.stop()
+                server.stop()
             final = pool.status()
             diagram.write_pool(spec, folder / "pool-live.svg", final)
         for ext in ("dot", "svg"):
@@ -192,7 +222,7 @@ def run(out: TextIO | None = None, speed: float = 1.0, keep: bool = False, outdi
             diagram.write(spec.policy, folder / f"policy-{spec.policy.name}.{ext}")
         log_path = folder / "transitions.jsonl"
         verdict = audit.verify([log_path])
-        _report(out, log_path, signers, final, verdict, clean, folder, keep)
+        _report(out, log_path, signers, final, verdict, clean, folder, keep, served, tool)
     finally:
         for hsm in hsms.values():
             hsm.kill()
@@ -200,8 +230,18 @@ def run(out: TextIO | None = None, speed: float = 1.0, keep: bool = False, outdi
         if not keep:
             shutil.rmtree(folder, ignore_errors=True)
     serving = all(m.state in ("logged_in", "degraded") for m in final)
+    app_clean = served.ok > 0 and served.failed == 0 and served.bad_signatures == 0
     return 0 if (signers.failed == 0 and signers.bad == 0 and signers.ok > 0 and serving and verdict.ok
-                 and clean) else 1
+                 and clean and app_clean and tool) else 1
+
+
+def _pkcs11_tool_check(address: str, token_label: str, token: SoftHSMToken, lab: Path) -> bool:
+    """pkcs11-tool signs through the virtual slot; openssl (not hsmfsm) verifies the signature."""
+    data, signature = lab / "tool-data", lab / "tool-sig"
+    data.write_bytes(b"signed by pkcs11-tool through hsmfsm serve\n")
+    run = clients.pkcs11_sign(address, token_label, APP_PIN, "rsa", "SHA256-RSA-PKCS", data, signature,
+                              key_id=token.key_id("rsa").hex())
+    return run.ok and clients.openssl_verify(token.public_key_der("rsa"), data, signature).ok
 
 
 def _play(pool: Pool, signers: _Signers, hsms: dict[str, NetworkHSM], say: Callable[[str], None],
@@ -237,7 +277,7 @@ def _play(pool: Pool, signers: _Signers, hsms: dict[str, NetworkHSM], say: Calla
 
 
 def _report(out: TextIO, log_path: Path, s: _Signers, final: list[MemberStatus], verdict: audit.Verdict, clean: bool,
-            folder: Path, keep: bool) -> None:
+            folder: Path, keep: bool, served: AppSummary, tool: bool) -> None:
     print("\ntimeline of transitions (from the audit record):", file=out)
     for line in audit.timeline([log_path]):
         print(f"  {line}", file=out)
@@ -250,6 +290,10 @@ def _report(out: TextIO, log_path: Path, s: _Signers, final: list[MemberStatus],
     for err in sorted(set(s.errors))[:5]:
         print(f"      {err}", file=out)
     print(f"  signer threads stopped       : {'yes' if clean else 'NO'}", file=out)
+    print("  through the virtual slot     : an unmodified python-pkcs11 application (own process): "
+          f"{served.ok} signatures verified, {served.failed} failed, {served.bad_signatures} wrong, "
+          f"{served.finalize_calls} C_Finalize", file=out)
+    print(f"  pkcs11-tool + openssl verify : {'OK' if tool else 'FAILED'}", file=out)
     print("  final states                 : " + ", ".join(f"{m.name} {m.state}" for m in final), file=out)
     print("  program restarts             : 0", file=out)
     print(f"  audit record                 : {verdict}", file=out)
