@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from cryptography.hazmat.primitives import hashes
@@ -98,6 +99,20 @@ def make_slot(clock: VirtualClock, hsms: dict[str, ScriptedHSM], **config: objec
     return slot, p
 
 
+@contextmanager
+def logged_in(clock: VirtualClock, *names: str, **config: object
+              ) -> Iterator[tuple[dict[str, ScriptedHSM], VirtualSlot, Client, int]]:
+    """Replicas named ``names``, a slot over their pool (opened), and one application logged in on
+    one session: (hsms, slot, client, session)."""
+    hsms = replicas(clock, *names)
+    slot, p = make_slot(clock, hsms, **config)
+    with p:  # type: ignore[attr-defined]
+        c = Client(clock, slot)
+        s = c.start()
+        c.login(s)
+        yield hsms, slot, c, s
+
+
 def verify_rsa(hsm: ScriptedHSM, data: bytes, signature: bytes) -> None:
     hsm.public_key("rsa").verify(signature, data, padding.PKCS1v15(), hashes.SHA256())
 
@@ -177,12 +192,7 @@ def test_logout_clears_only_that_connections_login(clock) -> None:
 
 
 def test_sign_with_a_length_query_verifies_and_costs_one_member_call(clock) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b") as (hsms, slot, c, s):
         before = sum(h.count("sign") for h in hsms.values())
         signature = c.sign(s, c.key(s, "rsa"), b"zone data")
         verify_rsa(hsms["hsm-a"], b"zone data", signature)
@@ -190,12 +200,7 @@ def test_sign_with_a_length_query_verifies_and_costs_one_member_call(clock) -> N
 
 
 def test_a_sign_init_and_length_query_then_every_member_lost_still_gives_the_signature(clock) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b") as (hsms, slot, c, s):
         key = c.key(s, "rsa")
         c("C_SignInit", s, wire.Mechanism(SHA256_RSA), key)
         (size,) = c("C_Sign", s, b"payload", None)
@@ -206,12 +211,7 @@ def test_a_sign_init_and_length_query_then_every_member_lost_still_gives_the_sig
 
 
 def test_a_member_lost_between_sign_init_and_sign_is_failed_over(clock) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b") as (hsms, slot, c, s):
         key = c.key(s, "rsa")
         for _ in range(3):  # whichever member the pool picks next, one of the two is down
             c("C_SignInit", s, wire.Mechanism(SHA256_RSA), key)
@@ -222,12 +222,7 @@ def test_a_member_lost_between_sign_init_and_sign_is_failed_over(clock) -> None:
 
 
 def test_too_small_a_buffer_keeps_the_operation_and_multipart_input_is_bounded(clock) -> None:
-    hsms = replicas(clock, "hsm-a")
-    slot, p = make_slot(clock, hsms, max_operation_bytes=2048)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", max_operation_bytes=2048) as (hsms, slot, c, s):
         key = c.key(s, "rsa")
         c("C_SignInit", s, wire.Mechanism(SHA256_RSA), key)
         assert c("C_Sign", s, b"x", 16) == (wire.Length(256),)  # BUFFER_TOO_SMALL, with the length
@@ -246,12 +241,7 @@ def test_too_small_a_buffer_keeps_the_operation_and_multipart_input_is_bounded(c
 
 
 def test_ecdsa_over_a_digest_and_verify_through_the_pool(clock) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b") as (hsms, slot, c, s):
         digest = hashlib.sha256(b"rrset").digest()
         signature = c.sign(s, c.key(s, "ec"), digest, ECDSA)
         assert len(signature) == 64
@@ -265,12 +255,7 @@ def test_ecdsa_over_a_digest_and_verify_through_the_pool(clock) -> None:
 
 
 def test_init_errors_come_from_the_catalog_before_any_member_is_asked(clock) -> None:
-    hsms = replicas(clock, "hsm-a")
-    slot, p = make_slot(clock, hsms)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a") as (hsms, slot, c, s):
         rsa, ec_key = c.key(s, "rsa"), c.key(s, "ec")
         public = c.key(s, "rsa", a.CKO_PUBLIC_KEY)
         assert c.refused("C_SignInit", s, wire.Mechanism(ECDSA), rsa) == rv("KEY_TYPE_INCONSISTENT")
@@ -289,12 +274,7 @@ def test_init_errors_come_from_the_catalog_before_any_member_is_asked(clock) -> 
 @pytest.mark.parametrize("mode", ["device_error", "luna"])
 def test_with_every_member_down_calls_end_within_the_deadline_and_the_same_session_signs_again(
         clock, mode) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms, outage_codes=mode)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b", outage_codes=mode) as (hsms, slot, c, s):
         key = c.key(s, "rsa")
         for h in hsms.values():
             h.down()
@@ -325,12 +305,7 @@ def test_with_every_member_down_calls_end_within_the_deadline_and_the_same_sessi
 
 
 def test_attributes_are_served_from_the_catalog_with_p11_kits_in_band_codes(clock) -> None:
-    hsms = replicas(clock, "hsm-a")
-    slot, p = make_slot(clock, hsms)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a") as (hsms, slot, c, s):
         key = c.key(s, "rsa")
         attrs, code = c("C_GetAttributeValue", s, key, [(a.CKA_LABEL, 0), (a.CKA_KEY_TYPE, 0)])
         assert code == 0
@@ -355,12 +330,7 @@ def test_attributes_are_served_from_the_catalog_with_p11_kits_in_band_codes(cloc
 
 
 def test_object_handles_are_stable_across_member_restarts(clock) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms, catalog_max_age=0.0)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b", catalog_max_age=0.0) as (hsms, slot, c, s):
         first = sorted(c.find(s))
         for h in hsms.values():
             h.restart()
@@ -386,12 +356,7 @@ def keygen_templates(label: bytes, key_id: bytes) -> tuple[list[wire.Attribute],
 
 
 def test_keygen_primary_goes_to_the_first_serving_member_alone_and_its_key_signs(clock) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms, keygen="primary", catalog_max_age=0.0)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b", keygen="primary", catalog_max_age=0.0) as (hsms, slot, c, s):
         (mechanisms,) = c("C_GetMechanismList", SLOT_ID, 64)
         assert RSA_KEYGEN in mechanisms  # type: ignore[operator]
         hsms["hsm-a"].down()  # the first serving member is then hsm-b
@@ -415,12 +380,7 @@ def test_keygen_primary_goes_to_the_first_serving_member_alone_and_its_key_signs
 
 
 def test_keygen_that_may_have_reached_the_hsm_is_never_sent_again(clock) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms, keygen="primary")
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b", keygen="primary") as (hsms, slot, c, s):
         hsms["hsm-a"].fail("generate_keypair", "CKR_DEVICE_ERROR")
         assert c.refused("C_GenerateKeyPair", s, wire.Mechanism(RSA_KEYGEN),
                          *keygen_templates(b"zsk", b"\x0a")) == rv("DEVICE_ERROR")
@@ -435,12 +395,7 @@ def test_keygen_that_may_have_reached_the_hsm_is_never_sent_again(clock) -> None
 
 
 def test_decrypt_with_a_length_query_through_the_pool(clock) -> None:
-    hsms = replicas(clock, "hsm-a", "hsm-b")
-    slot, p = make_slot(clock, hsms)
-    with p:  # type: ignore[attr-defined]
-        c = Client(clock, slot)
-        s = c.start()
-        c.login(s)
+    with logged_in(clock, "hsm-a", "hsm-b") as (hsms, slot, c, s):
         key = c.key(s, "rsa")
         secret = b"a session key, wrapped"
         ciphertext = hsms["hsm-a"].public_key("rsa").encrypt(secret, padding.PKCS1v15())

@@ -44,6 +44,7 @@ import pkcs11
 
 from ..core.codes import Code, code_from_value
 from ..core.errors import ModuleError as _CoreModuleError
+from ..core.functions import FUNCTION_NAMES
 
 CK_RV = ctypes.c_ulong
 CK_ULONG = ctypes.c_ulong
@@ -98,22 +99,8 @@ class _InitArgs(ctypes.Structure):
 
 
 # CK_FUNCTION_LIST, as far as hsmfsm calls into it (PKCS#11 2.40 order).
-#: CK_FUNCTION_LIST of PKCS#11 2.40, in order: every entry after ``version`` (each pointer's offset
-#: depends on all the ones before it, so the list is complete even where hsmfsm calls few).
-_FUNCTIONS = [
-    "C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C_GetSlotList", "C_GetSlotInfo",
-    "C_GetTokenInfo", "C_GetMechanismList", "C_GetMechanismInfo", "C_InitToken", "C_InitPIN", "C_SetPIN",
-    "C_OpenSession", "C_CloseSession", "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
-    "C_SetOperationState", "C_Login", "C_Logout", "C_CreateObject", "C_CopyObject", "C_DestroyObject",
-    "C_GetObjectSize", "C_GetAttributeValue", "C_SetAttributeValue", "C_FindObjectsInit", "C_FindObjects",
-    "C_FindObjectsFinal", "C_EncryptInit", "C_Encrypt", "C_EncryptUpdate", "C_EncryptFinal", "C_DecryptInit",
-    "C_Decrypt", "C_DecryptUpdate", "C_DecryptFinal", "C_DigestInit", "C_Digest", "C_DigestUpdate",
-    "C_DigestKey", "C_DigestFinal", "C_SignInit", "C_Sign", "C_SignUpdate", "C_SignFinal", "C_SignRecoverInit",
-    "C_SignRecover", "C_VerifyInit", "C_Verify", "C_VerifyUpdate", "C_VerifyFinal", "C_VerifyRecoverInit",
-    "C_VerifyRecover", "C_DigestEncryptUpdate", "C_DecryptDigestUpdate", "C_SignEncryptUpdate",
-    "C_DecryptVerifyUpdate", "C_GenerateKey", "C_GenerateKeyPair", "C_WrapKey", "C_UnwrapKey", "C_DeriveKey",
-    "C_SeedRandom", "C_GenerateRandom", "C_GetFunctionStatus", "C_CancelFunction", "C_WaitForSlotEvent",
-]
+#: CK_FUNCTION_LIST, in order (every entry: each pointer's offset depends on those before it).
+_FUNCTIONS = list(FUNCTION_NAMES)
 
 
 class _FunctionList(ctypes.Structure):

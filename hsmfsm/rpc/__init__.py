@@ -1,52 +1,16 @@
-"""p11-kit's RPC protocol: the codec a virtual PKCS#11 slot speaks to ``p11-kit-client.so``.
+"""p11-kit's RPC protocol, the part a virtual PKCS#11 slot needs that does no I/O.
 
-Pure: :mod:`hsmfsm.rpc.wire` turns frames into values and values into frames, with no
-sockets, threads or clock. It imports only :mod:`hsmfsm.core` and the standard library.
+- :mod:`hsmfsm.rpc.wire`: the codec. Frames into values and values into frames, as
+  bookworm's ``p11-kit-client.so`` (0.24.1) and later releases write them.
+- :mod:`hsmfsm.rpc.catalog`: the virtual token's objects (stable handles, cached public
+  attributes, template matching).
+
+Pure: no sockets, threads or clock; it imports only :mod:`hsmfsm.core` and the standard
+library (``tests/test_layers.py``). The server that uses it is :mod:`hsmfsm.runtime.server`.
 """
 
 from __future__ import annotations
 
-from .wire import (
-    ALLOWED,
-    BY_NAME,
-    CALLS,
-    HANDSHAKE,
-    HEADER,
-    MAX_ARRAY,
-    MAX_BYTES,
-    MAX_DEPTH,
-    MAX_FRAME,
-    NULL_MECHANISM,
-    OAEP,
-    PROTOCOL_MAX,
-    PSS,
-    SECRET_CALLS,
-    Attribute,
-    Call,
-    ErrorReply,
-    Fields,
-    Length,
-    Mechanism,
-    ProtocolError,
-    Request,
-    UnknownCall,
-    client_allows,
-    describe,
-    encode_error,
-    encode_frame,
-    encode_reply,
-    encode_request,
-    negotiate,
-    pad,
-    parse_header,
-    parse_reply,
-    parse_request,
-)
+from . import catalog, wire
 
-__all__ = [
-    "ALLOWED", "BY_NAME", "CALLS", "HANDSHAKE", "HEADER", "MAX_ARRAY", "MAX_BYTES", "MAX_DEPTH", "MAX_FRAME",
-    "NULL_MECHANISM", "OAEP", "PROTOCOL_MAX", "PSS", "SECRET_CALLS", "Attribute", "Call",
-    "ErrorReply", "Fields", "Length", "Mechanism", "ProtocolError", "Request", "UnknownCall", "client_allows",
-    "describe", "encode_error", "encode_frame", "encode_reply", "encode_request", "negotiate", "pad",
-    "parse_header", "parse_reply", "parse_request",
-]
+__all__ = ["catalog", "wire"]
