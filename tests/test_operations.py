@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,20 +37,9 @@ PIN = "Op5-cred-9Kq"  # distinctive: no timestamp, hash or counter contains it b
 
 
 @pytest.fixture(scope="module")
-def ops_token(tmp_path_factory: pytest.TempPathFactory) -> SoftHSMToken:
+def token(tmp_path_factory: pytest.TempPathFactory) -> SoftHSMToken:
+    """Override of conftest's token: one with a distinctive PIN (``hsms`` then serves replicas of it)."""
     return SoftHSMToken(tmp_path_factory.mktemp("ops") / "master", label="ops", pin=PIN).provision()
-
-
-@pytest.fixture
-def ops_hsms(ops_token: SoftHSMToken, tmp_path: Path) -> Iterator[tuple[NetworkHSM, NetworkHSM]]:
-    """Two network HSMs (as conftest's ``hsms``), replicas of the distinctive-PIN token."""
-    a = NetworkHSM(ops_token.replicate(tmp_path / "a"), tmp_path / "a.sock").start()
-    b = NetworkHSM(ops_token.replicate(tmp_path / "b"), tmp_path / "b.sock").start()
-    try:
-        yield a, b
-    finally:
-        a.kill()
-        b.kill()
 
 
 @pytest.fixture
@@ -119,9 +107,9 @@ def total(samples: dict, name: str, **labels: str) -> float:
 # -- 1. metrics ---------------------------------------------------------------------------------
 
 
-def test_metrics_follow_a_member_killed_and_restarted(ops_hsms, client_module, credentials, tmp_path) -> None:
-    a, b = ops_hsms
-    pool = Pool.from_yaml(str(write_pool(tmp_path / "pool.yaml", client_module, ops_hsms)))
+def test_metrics_follow_a_member_killed_and_restarted(hsms, client_module, credentials, tmp_path) -> None:
+    a, b = hsms
+    pool = Pool.from_yaml(str(write_pool(tmp_path / "pool.yaml", client_module, hsms)))
     server = serve_metrics([pool], "127.0.0.1", 0)  # before open: the first connects are counted
     texts = []
     try:
@@ -193,9 +181,9 @@ def test_metrics_follow_a_member_killed_and_restarted(ops_hsms, client_module, c
 # -- 2. hsmfsm health ---------------------------------------------------------------------------
 
 
-def test_health_exits_0_1_2_and_3(ops_hsms, client_module, credentials, tmp_path) -> None:
-    a, b = ops_hsms
-    pool_file = write_pool(tmp_path / "pool.yaml", client_module, ops_hsms)
+def test_health_exits_0_1_2_and_3(hsms, client_module, credentials, tmp_path) -> None:
+    a, b = hsms
+    pool_file = write_pool(tmp_path / "pool.yaml", client_module, hsms)
     outputs = []
 
     def run(*args: str, path: Path = pool_file) -> subprocess.CompletedProcess[str]:
@@ -236,7 +224,7 @@ def test_health_exits_0_1_2_and_3(ops_hsms, client_module, credentials, tmp_path
 
     a.start()
     b.start()
-    wrong = run(path=write_pool(tmp_path / "wrong.yaml", client_module, ops_hsms, pins=("hsm-pin", "wrong-pin")))
+    wrong = run(path=write_pool(tmp_path / "wrong.yaml", client_module, hsms, pins=("hsm-pin", "wrong-pin")))
     assert wrong.returncode == 2, wrong.stdout
     assert wrong.stdout.startswith("HSMFSM CRITICAL - pool signer: a member failed: serving on 1 of 2 members; "
                                    "hsm-b failed CKR_PIN_INCORRECT")
@@ -256,14 +244,14 @@ def test_health_exits_0_1_2_and_3(ops_hsms, client_module, credentials, tmp_path
 
 
 def test_notify_socket_gets_ready_status_and_watchdog_pings_while_every_member_is_down(
-        ops_hsms, client_module, credentials, tmp_path, monkeypatch) -> None:
-    a, b = ops_hsms
+        hsms, client_module, credentials, tmp_path, monkeypatch) -> None:
+    a, b = hsms
     sd = Listener(str(tmp_path / "notify.sock"))
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
     monkeypatch.setenv("WATCHDOG_USEC", "200000")  # WatchdogSec=0.2s: a ping every 0.1 s
     monkeypatch.setenv("WATCHDOG_PID", str(os.getpid()))
     notifier = Notifier.from_environment()
-    pool = Pool.from_yaml(str(write_pool(tmp_path / "pool.yaml", client_module, ops_hsms)))
+    pool = Pool.from_yaml(str(write_pool(tmp_path / "pool.yaml", client_module, hsms)))
 
     def status(text: str) -> bool:
         return any(text in line for line in sd.lines("STATUS="))
@@ -303,8 +291,8 @@ def test_notify_socket_gets_ready_status_and_watchdog_pings_while_every_member_i
 
 
 def test_a_missing_credential_is_a_clear_error_naming_the_variable_and_the_file(
-        ops_hsms, client_module, credentials, tmp_path, monkeypatch) -> None:
-    pool_file = write_pool(tmp_path / "pool.yaml", client_module, ops_hsms, pins=("hsm-pin", "absent"))
+        hsms, client_module, credentials, tmp_path, monkeypatch) -> None:
+    pool_file = write_pool(tmp_path / "pool.yaml", client_module, hsms, pins=("hsm-pin", "absent"))
     proc = health(pool_file, "--json")
     doc = json.loads(proc.stdout)
     assert proc.returncode == 2 and doc["failed"] == ["hsm-b"]
@@ -317,11 +305,11 @@ def test_a_missing_credential_is_a_clear_error_naming_the_variable_and_the_file(
     assert PIN not in proc.stdout + proc.stderr
 
 
-def test_a_credential_pin_signs_and_shows_nowhere(ops_hsms, client_module, credentials, tmp_path,
+def test_a_credential_pin_signs_and_shows_nowhere(hsms, client_module, credentials, tmp_path,
                                                   caplog) -> None:
-    a, b = ops_hsms
+    a, b = hsms
     caplog.set_level(logging.DEBUG)
-    pool = Pool.from_yaml(str(write_pool(tmp_path / "pool.yaml", client_module, ops_hsms)))
+    pool = Pool.from_yaml(str(write_pool(tmp_path / "pool.yaml", client_module, hsms)))
     calls: list[str] = []
     pool.add_call_listener(lambda r: calls.append(f"{r} {r.as_dict()}"))
     server = serve_metrics(pool, "127.0.0.1", 0)
