@@ -623,3 +623,48 @@ def test_make_check_passes_without_hsmfsm_run() -> None:
     strict = subprocess.run([sys.executable, "-m", "hsmfsm", "check", "--strict", *paths], capture_output=True,
                             text=True, timeout=60, cwd=REPO, env=env)
     assert strict.returncode == 2 and "warning" not in strict.stderr, strict.stderr
+
+
+# -- the serve section ---------------------------------------------------------------------------
+
+SERVE = """\
+serve:
+  socket: "${HSMFSM_RUN}/serve/signer.sock"
+  token_label: signer-ha
+  pin: env:APP_PIN
+"""
+
+
+def test_a_serve_section_is_loaded_with_its_defaults(tmp_path: Path, run_dir: Path) -> None:
+    spec = load_pool(write(tmp_path, GOOD + SERVE))
+    serve = spec.serve
+    assert serve is not None
+    assert serve.socket == run_dir / "serve" / "signer.sock"
+    assert (serve.token_label, serve.pin, serve.allow_uids) == ("signer-ha", "env:APP_PIN", None)
+    assert (serve.outage_codes, serve.keygen, serve.max_operation_bytes, serve.max_connections, serve.workers) == \
+        ("device_error", "refuse", 1024 * 1024, 256, 16)
+    relative = load_pool(write(tmp_path, GOOD + SERVE.replace('"${HSMFSM_RUN}/serve/signer.sock"', "s/x.sock")))
+    assert relative.serve is not None and relative.serve.socket == tmp_path / "s" / "x.sock"
+    assert load_pool(write(tmp_path, GOOD)).serve is None
+
+
+@pytest.mark.parametrize(("change", "line", "message"), [
+    (("pin: env:APP_PIN", "pin: 123456"), 21, "serve.pin: must be env:NAME, file:PATH or credential:NAME"),
+    (("pin: env:APP_PIN", "pin: '123456'"), 21, "serve.pin: must be env:NAME, file:PATH or credential:NAME"),
+    (("token_label: signer-ha", "token_label: " + "x" * 33), 20, "serve.token_label: has 33 characters"),
+    (("token_label: signer-ha", "token_label: signer-ha\n  colour: blue"), 21, "serve.colour: unknown field"),
+    (("token_label: signer-ha", "token_label: signer-ha\n  outage_codes: sometimes"), 21,
+     "serve.outage_codes: unknown value 'sometimes'"),
+    (("token_label: signer-ha", "token_label: signer-ha\n  allow_uids: [-1]"), 21, "serve.allow_uids[0]"),
+    (('"${HSMFSM_RUN}/serve/signer.sock"', "/" + "d" * 120 + "/s.sock"), 19, "serve.socket: has 128 characters"),
+    (('"${HSMFSM_RUN}/serve/signer.sock"', "d" * 100 + "/s.sock"), 19, "longer than 107 bytes"),  # once made absolute
+])
+def test_a_broken_serve_section_names_file_line_and_field(tmp_path: Path, change: tuple[str, str], line: int,
+                                                          message: str) -> None:
+    path = write(tmp_path, GOOD + SERVE.replace(*change))
+    with pytest.raises(PolicyError) as info:
+        load_pool(path)
+    text = str(info.value)
+    assert text.startswith(f"{path}:{line}: "), text
+    assert message in text, text
+    assert "123456" not in text  # a refused PIN is never echoed

@@ -292,7 +292,8 @@ _PIN_REFUSED = ("must be env:NAME, file:PATH or credential:NAME; a literal PIN i
 
 
 def _is_pin(path: FieldPath) -> bool:
-    return len(path) == 3 and path[0] == "members" and path[2] == "pin"
+    """A member's ``pin`` or the virtual slot's: whatever is wrong with it, its value is not shown."""
+    return (len(path) == 3 and path[0] == "members" and path[2] == "pin") or path == ("serve", "pin")
 
 
 def _pool_issues(error: ValidationError) -> list[Issue]:
