@@ -34,6 +34,7 @@ import ctypes
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -80,11 +81,31 @@ class _Attribute(ctypes.Structure):
 
 #: CK_UNAVAILABLE_INFORMATION as a CK_ULONG: the length a module writes for an attribute it cannot give.
 UNAVAILABLE = ctypes.c_ulong(-1).value
+CKA_KEY_TYPE, CKA_MODULUS, CKA_EC_PARAMS = 0x100, 0x120, 0x180
 CKR_ATTRIBUTE_SENSITIVE = 0x11
 CKR_ATTRIBUTE_TYPE_INVALID = 0x12
 #: Objects read per C_FindObjects, and the most a listing reads (a token with more is refused).
 _FIND_BATCH = 64
 MAX_OBJECTS = 65536
+
+
+class Mechanism(ctypes.Structure):
+    """CK_MECHANISM."""
+
+    _fields_ = [("mechanism", CK_ULONG), ("pParameter", ctypes.c_void_p), ("ulParameterLen", CK_ULONG)]
+
+
+class PSSParams(ctypes.Structure):
+    """CK_RSA_PKCS_PSS_PARAMS."""
+
+    _fields_ = [("hashAlg", CK_ULONG), ("mgf", CK_ULONG), ("sLen", CK_ULONG)]
+
+
+class OAEPParams(ctypes.Structure):
+    """CK_RSA_PKCS_OAEP_PARAMS (source CKZ_DATA_SPECIFIED, the label as its data)."""
+
+    _fields_ = [("hashAlg", CK_ULONG), ("mgf", CK_ULONG), ("source", CK_ULONG), ("pSourceData", ctypes.c_void_p),
+                ("ulSourceDataLen", CK_ULONG)]
 
 
 class _InitArgs(ctypes.Structure):
@@ -100,7 +121,10 @@ _FUNCTIONS = ["C_Initialize", "C_Finalize", "C_GetInfo", "C_GetFunctionList", "C
               "C_CloseAllSessions", "C_GetSessionInfo", "C_GetOperationState",
               "C_SetOperationState", "C_Login", "C_Logout", "C_CreateObject", "C_CopyObject",
               "C_DestroyObject", "C_GetObjectSize", "C_GetAttributeValue", "C_SetAttributeValue",
-              "C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal"]
+              "C_FindObjectsInit", "C_FindObjects", "C_FindObjectsFinal", "C_EncryptInit", "C_Encrypt",
+              "C_EncryptUpdate", "C_EncryptFinal", "C_DecryptInit", "C_Decrypt", "C_DecryptUpdate",
+              "C_DecryptFinal", "C_DigestInit", "C_Digest", "C_DigestUpdate", "C_DigestKey", "C_DigestFinal",
+              "C_SignInit", "C_Sign"]
 
 
 class _FunctionList(ctypes.Structure):
@@ -121,6 +145,11 @@ _PROTO = {
     "C_FindObjectsInit": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_Attribute), CK_ULONG),
     "C_FindObjects": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(CK_ULONG), CK_ULONG, ctypes.POINTER(CK_ULONG)),
     "C_FindObjectsFinal": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
+    "C_SignInit": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(Mechanism), CK_ULONG),
+    "C_Sign": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_void_p, ctypes.POINTER(CK_ULONG)),
+    "C_DecryptInit": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(Mechanism), CK_ULONG),
+    "C_Decrypt": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_void_p,
+                                  ctypes.POINTER(CK_ULONG)),
 }
 
 
@@ -286,6 +315,14 @@ class ModuleInstance:
         self._fl: _FunctionList | None = None
         self._fn: dict[str, Any] = {}
         self._server_path = _server_path(self.env)
+        #: This instance's own socket to its server, as (fd, its /proc link text "socket:[inode]"),
+        #: found at each C_Initialize: what :meth:`cut_link` shuts, and nothing else.
+        self._link: tuple[int, str] | None = None
+        #: C_SignInit/C_Sign/C_DecryptInit/C_Decrypt, once loaded (the signing path's own references).
+        self._sign_init: Any = None
+        self._sign: Any = None
+        self._decrypt_init: Any = None
+        self._decrypt: Any = None
         #: True in a forked child for an instance the parent loaded: its socket belonged to the
         #: parent, so it is never called, finalised or cut off here (see :func:`_after_fork_in_child`).
         self.inherited = False
@@ -302,11 +339,18 @@ class ModuleInstance:
         # (SoftHSM's SOFTHSM2_CONF), so both happen with it applied. A hung
         # C_Initialize holds the lock until the watchdog cuts it off.
         with _ENV_LOCK, _environment(self.env):
+            before = self._sockets()
             if self.lib is None:
                 self._load()
             else:
                 self.finalize()
-            return self._initialize_with_locking()
+            code = self._initialize_with_locking()
+            if self._server_path is not None:
+                # Every C_Initialize of this process runs under _ENV_LOCK: the socket that is new to the
+                # server now is this instance's (p11-kit-client opens one per instance, at C_Initialize).
+                new = set(self._sockets().items()) - set(before.items())
+                self._link = new.pop() if len(new) == 1 else None
+            return code
 
     def _load(self) -> None:
         path = _private_path(self.module, self.name)
@@ -323,6 +367,9 @@ class ModuleInstance:
         address = _function_list_address(self.lib)
         self._fl = _FunctionList.from_address(address)
         self._fn = {name: proto(getattr(self._fl, name)) for name, proto in _PROTO.items()}
+        fn = self._fn
+        self._sign_init, self._sign = fn["C_SignInit"], fn["C_Sign"]
+        self._decrypt_init, self._decrypt = fn["C_DecryptInit"], fn["C_Decrypt"]
         info = _Info()
         rv = self._fn["C_GetInfo"](ctypes.byref(info))
         described = info.manufacturerID.decode("utf-8", "replace").rstrip()
@@ -476,6 +523,38 @@ class ModuleInstance:
                 values[t] = buf.raw[:n]
         return code_from_value(CKR_OK), values
 
+    def sign(self, session_handle: int, key_handle: int, mechanism: Mechanism, data: bytes,
+             size: int) -> tuple[int, bytes]:
+        """C_SignInit, then C_Sign into a buffer of ``size`` bytes (the signature's length, known from
+        the key): two round trips where python-pkcs11 takes three (it asks the length first). Only
+        an answer of CKR_BUFFER_TOO_SMALL (the size was wrong) costs a third: the operation stays
+        active after it (PKCS#11 2.40, 5.2), and C_Sign goes again with the length the module named.
+        Returns (CK_RV, signature); ctypes releases the GIL around each call."""
+        rv: int = self._sign_init(session_handle, mechanism, key_handle)
+        if rv != CKR_OK:
+            return rv, b""
+        return _output(self._sign, session_handle, data, size)
+
+    def decrypt(self, session_handle: int, key_handle: int, mechanism: Mechanism, data: bytes,
+                size: int) -> tuple[int, bytes]:
+        """C_DecryptInit, then C_Decrypt into ``size`` bytes (an RSA key's modulus length bounds its
+        plaintext): as :meth:`sign`."""
+        rv: int = self._decrypt_init(session_handle, mechanism, key_handle)
+        if rv != CKR_OK:
+            return rv, b""
+        return _output(self._decrypt, session_handle, data, size)
+
+    def key_info(self, session_handle: int, key_handle: int) -> tuple[int | None, int | None, bytes | None]:
+        """(CKA_KEY_TYPE, the length of CKA_MODULUS, CKA_EC_PARAMS) of a key, each None where the key
+        has none: what :func:`hsmfsm.core.mechanisms.signature_length` needs. Two round trips, made
+        once per key and session (the key lookup's)."""
+        code, values = self._attributes(session_handle, key_handle, (CKA_KEY_TYPE, CKA_MODULUS, CKA_EC_PARAMS))
+        if code.value != CKR_OK:
+            return None, None, None
+        raw_type, modulus, params = values.get(CKA_KEY_TYPE), values.get(CKA_MODULUS), values.get(CKA_EC_PARAMS)
+        key_type = int.from_bytes(raw_type, sys.byteorder) if raw_type else None
+        return key_type, (len(modulus) if modulus else None), params
+
     def function(self, name: str) -> Any:
         """A function of the module's list, as ctypes calls it (those declared here), or None
         before the module was first loaded."""
@@ -524,6 +603,51 @@ class ModuleInstance:
                 sock.close()
         return cut
 
+    def cut_link(self) -> bool:
+        """Shut down this instance's own socket to its server, and no other: a call stuck on it returns
+        (CKR_DEVICE_ERROR) and the instance is broken until re-initialised, while every other instance
+        on the same server goes on. False when there is nothing to cut: no socket module, or the socket
+        is no longer the one found at C_Initialize (p11-kit-client closed it, the number was reused)."""
+        link = self._link
+        if link is None or self.inherited:
+            return False
+        fd, name = link
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != name:
+                return False
+            sock = socket.socket(fileno=os.dup(fd))
+        except OSError:
+            return False
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+            return True
+        except OSError:
+            return False
+        finally:
+            sock.close()
+
+    def _sockets(self) -> dict[int, str]:
+        """This process's sockets to this instance's server: fd -> its /proc link text."""
+        found: dict[int, str] = {}
+        if self._server_path is None:
+            return found
+        for entry in os.listdir("/proc/self/fd"):
+            try:
+                name = os.readlink(f"/proc/self/fd/{entry}")
+                if not name.startswith("socket:"):
+                    continue
+                sock = socket.socket(fileno=os.dup(int(entry)))
+            except (OSError, ValueError):
+                continue
+            try:
+                if sock.family == socket.AF_UNIX and sock.getpeername() == self._server_path:
+                    found[int(entry)] = name
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        return found
+
     def for_child(self) -> ModuleInstance:
         """In a forked child: the instance to use from now on.
 
@@ -540,6 +664,20 @@ class ModuleInstance:
 
     def __repr__(self) -> str:
         return f"<ModuleInstance {self.name} {self.module} initialized={self.initialized} parallel={self.parallel}>"
+
+
+def _output(fn: Any, session_handle: int, data: bytes, size: int) -> tuple[int, bytes]:
+    """The second half of a single-part operation (C_Sign, C_Decrypt): the output into ``size`` bytes,
+    and again into the length the module names if it answers CKR_BUFFER_TOO_SMALL."""
+    length = CK_ULONG(size)
+    out = ctypes.create_string_buffer(size)
+    rv: int = fn(session_handle, data, len(data), out, length)
+    if rv == CKR_BUFFER_TOO_SMALL:
+        out = ctypes.create_string_buffer(length.value)
+        rv = fn(session_handle, data, len(data), out, length)
+    if rv != CKR_OK:
+        return rv, b""
+    return rv, out.raw[:length.value]
 
 
 _SessionInfo = SessionInfo  # the soak's old name
