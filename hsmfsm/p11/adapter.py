@@ -367,6 +367,20 @@ class P11Module:
         killed = self.host.kill_stuck() if self.host is not None else 0
         return killed, self.instance.cut_off()
 
+    def cut_link(self) -> bool:
+        """Shut this instance's own socket alone (:meth:`ModuleInstance.cut_link`): a suspected
+        member's call returns, and the connection's other links go on."""
+        return self.instance.cut_link()
+
+    def new_link(self) -> P11Module | None:
+        """Another instance with a socket of its own to the same server (p11-kit-client, or the host
+        of ``isolation: process``), loaded at its first ``initialize``; None for an in-process module
+        (one instance per process, and its sessions run in parallel on it)."""
+        if not self.instance.can_cut_off:
+            return None
+        instance = ModuleInstance(self.instance.module, self.instance.env, self.name)
+        return P11Module(self.path, None, "", self.name, self.isolation, host=self.host, instance=instance)
+
     def stop(self) -> None:
         if self.host is not None:
             self.host.stop()
