@@ -472,7 +472,8 @@ def test_a_refused_event_is_counted_not_dropped(clock, hsm, rec) -> None:
                               ("open", "login_ok", "logged_in", "CKR_OK")]
     # Each session has a link of its own, which is its own application to the HSM: each logged in
     # at its start, and again after the loss (lane 0 by the supervisor, the other as its call came back).
-    assert signs(hsm, "CKR_USER_NOT_LOGGED_IN") == 2 and hsm.count("login") == 4 == conn.login_attempts
+    assert signs(hsm, "CKR_USER_NOT_LOGGED_IN") == 2 and hsm.count("login") == 4
+    assert (conn.login_attempts, conn.link_logins) == (2, 2)
     conn.close()
 
 

@@ -320,13 +320,14 @@ class Suspicion:
     reason: str
 
 
-def may_cut_on_suspicion(policy: Policy, operation: str) -> bool:
+def may_cut_on_suspicion(policy: Policy, operation: str, *, sent: bool = True) -> bool:
     """May a call of ``operation`` in flight on a suspected member be cut off and re-issued elsewhere?
 
-    Only an idempotent one: a key generation cut off might exist on the token already, and a
-    second one elsewhere would be a duplicate (it meets the call timeout, as without suspicion).
+    An idempotent one, always. Another only while nothing of it was sent (``sent`` False: its session
+    is still being opened): a key generation cut off once sent might exist on the token already, and
+    a second one elsewhere would be a duplicate (it meets the call timeout, as without suspicion).
     """
-    return policy.is_idempotent(operation)
+    return policy.is_idempotent(operation) or not sent
 
 
 def decide_suspicion(policy: Policy, *, operation: str, elapsed: float, limit: float,

@@ -44,6 +44,7 @@ from typing import Any
 import pkcs11
 
 from ..core.codes import Code, code_from_value
+from ..core.errors import ModuleCallError
 from ..core.errors import ModuleError as _CoreModuleError
 
 CK_RV = ctypes.c_ulong
@@ -172,6 +173,20 @@ def _function_list_address(lib: object) -> int:
 
 _ENV_LOCK = threading.Lock()
 _LINK_DIR: str | None = None
+#: One lock per module server (its socket path): every C_Initialize to one server is made under it.
+_SERVER_LOCKS: dict[str, threading.Lock] = {}
+_SERVER_LOCKS_GUARD = threading.Lock()
+
+
+def server_lock(path: str) -> threading.Lock:
+    """The lock under which this process makes every C_Initialize to the server at ``path`` (and loads
+    every client of it), so that the one socket new to that server afterwards is known to be the
+    instance's own (:meth:`ModuleInstance.cut_link`)."""
+    with _SERVER_LOCKS_GUARD:
+        lock = _SERVER_LOCKS.get(path)
+        if lock is None:
+            lock = _SERVER_LOCKS[path] = threading.Lock()
+        return lock
 
 
 def _private_path(module: str, name: str) -> str:
@@ -213,8 +228,12 @@ def load_isolated(module: str, env: dict[str, str], name: str) -> Any:
     baselines in :mod:`hsmfsm.p11.raw`.
     """
     path = _private_path(module, name)
+    server = _server_path(env)
     with _ENV_LOCK, _environment(env):
-        return pkcs11.lib(path)
+        if server is None:
+            return pkcs11.lib(path)
+        with server_lock(server):  # its socket must not be taken for an instance's own (cut_link)
+            return pkcs11.lib(path)
 
 
 def _server_path(env: dict[str, str]) -> str | None:
@@ -248,8 +267,10 @@ def _after_fork_in_child() -> None:
     child can be mistaken for it). The inherited instances are marked, never
     called again, never deallocated (``_keep_alive``).
     """
-    global _ENV_LOCK, _LINK_DIR
+    global _ENV_LOCK, _LINK_DIR, _SERVER_LOCKS_GUARD
     _ENV_LOCK = threading.Lock()  # another thread may have held it at the fork
+    _SERVER_LOCKS_GUARD = threading.Lock()
+    _SERVER_LOCKS.clear()
     _LINK_DIR = None  # the parent's; the child makes its own
     paths = set()
     for instance in ModuleInstance._keep_alive:
@@ -318,6 +339,9 @@ class ModuleInstance:
         #: This instance's own socket to its server, as (fd, its /proc link text "socket:[inode]"),
         #: found at each C_Initialize: what :meth:`cut_link` shuts, and nothing else.
         self._link: tuple[int, str] | None = None
+        #: While a C_Initialize of this instance runs: the server's sockets before it began (the one it
+        #: opens is the one not among them).
+        self._init_before: dict[int, str] | None = None
         #: C_SignInit/C_Sign/C_DecryptInit/C_Decrypt, once loaded (the signing path's own references).
         self._sign_init: Any = None
         self._sign: Any = None
@@ -335,22 +359,40 @@ class ModuleInstance:
         Re-initialising drops every session of the previous generation on the
         module side; the caller must already have drained and abandoned them.
         """
-        # Modules read their environment at load (p11-kit-client) or at C_Initialize
-        # (SoftHSM's SOFTHSM2_CONF), so both happen with it applied. A hung
-        # C_Initialize holds the lock until the watchdog cuts it off.
+        # Modules read their environment at load (p11-kit-client: its server's address) or at
+        # C_Initialize (SoftHSM's SOFTHSM2_CONF), so both happen with it applied, under the process-wide
+        # environment lock. A socket module's re-initialisation reads none (measured: p11-kit-client
+        # keeps the address it read at load), so it runs under its server's lock alone: a member
+        # whose HSM hangs in C_Initialize holds up no other member's links. Every C_Initialize to one
+        # server is serialised, so the socket new to that server afterwards is this instance's
+        # (p11-kit-client opens one per instance, at C_Initialize). A hung one holds its locks until
+        # the watchdog (or a suspicion's cut_link, which finds the socket it is opening) cuts it off.
+        path = self._server_path
+        if self.lib is not None and path is not None:
+            with server_lock(path):
+                return self._initialize_now()
         with _ENV_LOCK, _environment(self.env):
-            before = self._sockets()
+            if path is None:
+                return self._initialize_now()
+            with server_lock(path):
+                return self._initialize_now()
+
+    def _initialize_now(self) -> Code:
+        """(Under the locks :meth:`initialize` takes.)"""
+        before = self._sockets()
+        self._init_before = before
+        try:
             if self.lib is None:
                 self._load()
             else:
                 self.finalize()
             code = self._initialize_with_locking()
-            if self._server_path is not None:
-                # Every C_Initialize of this process runs under _ENV_LOCK: the socket that is new to the
-                # server now is this instance's (p11-kit-client opens one per instance, at C_Initialize).
-                new = set(self._sockets().items()) - set(before.items())
-                self._link = new.pop() if len(new) == 1 else None
-            return code
+        finally:
+            self._init_before = None
+        if self._server_path is not None:
+            new = set(self._sockets().items()) - set(before.items())
+            self._link = new.pop() if len(new) == 1 else None
+        return code
 
     def _load(self) -> None:
         path = _private_path(self.module, self.name)
@@ -370,12 +412,14 @@ class ModuleInstance:
         fn = self._fn
         self._sign_init, self._sign = fn["C_SignInit"], fn["C_Sign"]
         self._decrypt_init, self._decrypt = fn["C_DecryptInit"], fn["C_Decrypt"]
+        self.initialized = True  # python-pkcs11's NULL initialisation: finalised below, or by the next attempt
         info = _Info()
         rv = self._fn["C_GetInfo"](ctypes.byref(info))
+        if rv != CKR_OK:  # the link failed under it (a cut-off): an attempt that failed, not a refused module
+            raise ModuleCallError(code_from_value(rv), f"{self.name}: C_GetInfo failed")
         described = info.manufacturerID.decode("utf-8", "replace").rstrip()
-        if rv != CKR_OK or described != self.lib.manufacturer_id:
+        if described != self.lib.manufacturer_id:
             raise ModuleError(f"{self.name}: function list check failed; refusing to drive {self.module}")
-        self.initialized = True
         self.finalize()  # python-pkcs11's NULL initialisation: replaced below with OS locking
 
     def _initialize_with_locking(self) -> Code:
@@ -608,23 +652,35 @@ class ModuleInstance:
         (CKR_DEVICE_ERROR) and the instance is broken until re-initialised, while every other instance
         on the same server goes on. False when there is nothing to cut: no socket module, or the socket
         is no longer the one found at C_Initialize (p11-kit-client closed it, the number was reused)."""
+        if self.inherited:
+            return False
+        before = self._init_before
+        if before is not None:  # a C_Initialize is under way (the connect, or its handshake, hangs)
+            return self._cut_sockets({fd: name for fd, name in self._sockets().items() if before.get(fd) != name})
         link = self._link
-        if link is None or self.inherited:
+        if link is None:
             return False
-        fd, name = link
-        try:
-            if os.readlink(f"/proc/self/fd/{fd}") != name:
-                return False
-            sock = socket.socket(fileno=os.dup(fd))
-        except OSError:
-            return False
-        try:
-            sock.shutdown(socket.SHUT_RDWR)
-            return True
-        except OSError:
-            return False
-        finally:
-            sock.close()
+        return self._cut_sockets(dict([link]))
+
+    @staticmethod
+    def _cut_sockets(sockets: dict[int, str]) -> bool:
+        """Shut each fd down that still is the socket named (its /proc link text); True if any was."""
+        cut = False
+        for fd, name in sockets.items():
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") != name:
+                    continue
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                cut = True
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        return cut
 
     def _sockets(self) -> dict[int, str]:
         """This process's sockets to this instance's server: fd -> its /proc link text."""

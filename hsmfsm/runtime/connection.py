@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..config.pin import PinError, PinSource, PinSpec
 from ..core import rules
-from ..core.codes import CALL_TIMEOUT, SUSPECTED, Code
+from ..core.codes import CALL_TIMEOUT, SUSPECTED, UNKNOWN_ERROR, Code
 from ..core.errors import (
     HSMError,
     KeyNotFound,
@@ -52,6 +52,7 @@ from ..core.errors import (
     MechanismNotSupported,
     MemberUnavailable,
     ModuleCallError,
+    ModuleError,
     OperationFailed,
 )
 from ..core.latency import LatencyWindow
@@ -202,8 +203,13 @@ class SlotConnection:
         self._login_lock = clock.lock()
         self._failure: HSMError | None = None
         self.last_code: Code | None = None
-        #: C_Login calls made, ever: auditors and tests count them (a wrong PIN is tried once).
+        #: C_Login calls of the connection's own login, ever (one per connect attempt that reaches it):
+        #: auditors and tests count them (a wrong PIN is tried once).
         self.login_attempts = 0
+        #: C_Login calls of the links opened for more sessions (each is an application of its own to the
+        #: HSM, docs/FACTS.md): made only in a generation whose own login succeeded, one at a time, and
+        #: never once a PIN was refused. The C_Login calls made in all are the two counts together.
+        self.link_logins = 0
         #: Events the rule-book asked for that the state did not accept (raced by another
         #: thread's transition): counted per (state, event), and logged at DEBUG, never dropped silently.
         self.ignored_events: collections.Counter[tuple[State, Event]] = collections.Counter()
@@ -747,7 +753,7 @@ class SlotConnection:
             raise MemberUnavailable(self.name, f"{op}: no session was free within the deadline of {limit:g}s "
                                     f"(all {self._max_sessions} of sessions.max leased)", last, state,
                                     may_have_acted=False)
-        lease.op = op  # a suspected member's session being set up for an idempotent call is cut off too
+        lease.op = op  # a suspected member's session being set up for a call is cut off too (nothing was sent)
         try:
             self._set_up(g, lease)
         except _OpenFailed:
@@ -771,11 +777,12 @@ class SlotConnection:
         return any(lane.lease is None or (lane.lease.g is not g and lane.lease in lane.lease.g.idle)
                    for lane in lanes)
 
-    def _claim_lane(self, g: Generation) -> Lane | None:
+    def _claim_lane(self, g: Generation, *, new: bool = True) -> Lane | None:
         """The lane a new session of ``g`` goes on, or None when ``sessions.max`` are open (caller holds
         ``_lock``). With a link per session: a free lane (a retired generation's idle lease on it is
-        taken out of that generation: its session dies with the lane's next C_Initialize), else a new
-        one while there are fewer than ``sessions.max``; otherwise every session is on lane 0."""
+        taken out of that generation: its session dies with the lane's next C_Initialize), else (if
+        ``new``) a new one while there are fewer than ``sessions.max``; otherwise every session is on
+        lane 0."""
         if len(g.leases) >= self._max_sessions:
             return None
         lanes = self._lanes
@@ -795,7 +802,7 @@ class SlotConnection:
                 old.g.leases.remove(old)
             lane.lease = None
             return lane
-        if len(lanes) >= self._max_sessions:
+        if not new or len(lanes) >= self._max_sessions:
             return None
         module = lanes[0].module.new_link()
         if module is None:
@@ -819,6 +826,7 @@ class SlotConnection:
             if not self._links:
                 lease.token = g.token
                 lease.session = module.open_session(g.token)
+                lease.opened = True
                 return
             code = module.initialize()
             lane.epoch += 1
@@ -829,6 +837,7 @@ class SlotConnection:
             lease.epoch = lane.epoch
             lease.session = module.open_session(token)
             self._lane_login(g, lease)
+            lease.opened = True
             lane.stale, lane.generation = False, g.number
             if lane.number == 0:
                 with self._lock:
@@ -836,6 +845,9 @@ class SlotConnection:
                         g.token = token  # lane 0 was set up again within the generation
         except ModuleCallError as exc:
             raise _OpenFailed(exc, lease.timed_out, abandoned=lease.abandoned) from exc
+        except ModuleError as exc:  # a link's module refused (its layout): this session fails, the member goes on
+            log.warning("%s: could not open a link for one more session: %s", self.name, exc)
+            raise _OpenFailed(ModuleCallError(Code(UNKNOWN_ERROR, None), str(exc)), lease.timed_out) from exc
         finally:
             lease.started = 0.0
             if lock is not None:
@@ -851,7 +863,7 @@ class SlotConnection:
                 usable = g is self._g and g.ready and self._machine.current is not State.FAILED
                 last = self.last_code or CALL_TIMEOUT
                 if usable:
-                    self.login_attempts += 1
+                    self.link_logins += 1
             if not usable:
                 raise _OpenFailed(ModuleCallError(last, "the connection stopped serving"), False, fired=True)
             try:
@@ -1129,8 +1141,8 @@ class SlotConnection:
             return
         cut = 0
         for lease, started, op in busy:
-            if not rules.may_cut_on_suspicion(policy, op):
-                continue  # a key generation is never cut early: the call timeout applies, as without suspicion
+            if not rules.may_cut_on_suspicion(policy, op, sent=lease.opened):
+                continue  # a key generation sent is never cut early: the call timeout applies, as without suspicion
             lease.abandoned = lease.drop = True
             if lease.started != started or lease.op != op or not lease.module.cut_link():
                 lease.abandoned = lease.drop = False  # that call ended (another began), or no link to cut

@@ -66,10 +66,12 @@ class Lease(CallSlot):
     call goes to another member. ``drop``: the lease is not given back when its call ends (its
     lane's link was cut, or its lane's login is gone with a ``login_lost``): the lane is set up
     afresh for its next session.
-    ``module`` and ``lock`` are the lane's, copied here for the call path.
+    ``opened``: the session is open (and its lane logged in); before, a call waiting for it has
+    sent nothing. ``module`` and ``lock`` are the lane's, copied here for the call path.
     """
 
-    __slots__ = ("abandoned", "drop", "epoch", "g", "keys", "lane", "lock", "module", "op", "session", "token")
+    __slots__ = ("abandoned", "drop", "epoch", "g", "keys", "lane", "lock", "module", "op", "opened", "session",
+                 "token")
 
     def __init__(self, g: Generation, lane: Lane) -> None:
         super().__init__()
@@ -81,6 +83,8 @@ class Lease(CallSlot):
         self.op: str | None = None
         self.abandoned = False
         self.drop = False
+        #: Set up (its session open, its lane logged in): until then nothing of a call was sent on it.
+        self.opened = False
         self.keys: dict[tuple[str | None, str, bytes | None], Any] = {}
 
 

@@ -29,6 +29,9 @@ log = logging.getLogger("hsmfsm.connection")
 
 #: ``Supervisor.watched``'s default: lane 0's call lock, as it is when the call is made.
 _LANE_0: Any = object()
+#: Seconds before a suspected member's probe looks again for a session (its calls in flight, being
+#: cut off, give theirs back within a watchdog tick or two).
+_PROBE_RETRY = 0.01
 
 
 class Supervisor:
@@ -56,7 +59,10 @@ class Supervisor:
                     c._probe_now = False  # asked for (a suspected member): also where probes are off
                     self.probe()
                     next_probe = c._now() + c.policy.probe.interval
-                self._sleep(max(0.0, next_probe - c._now()) if c._probe_enabled else None)
+                if c._probe_now:  # a suspected member's probe found no session yet: look again soon
+                    self._sleep(_PROBE_RETRY)
+                else:
+                    self._sleep(max(0.0, next_probe - c._now()) if c._probe_enabled else None)
             elif not c._auto_recover and not c._recovery_requested:
                 self._sleep(None)  # in-call recovery: wait for a caller to ask
             elif c._auto_recover and not c._schedule.due(now) and not c._schedule.gave_up:
@@ -219,7 +225,7 @@ class Supervisor:
             lane = c._lanes[0]
             lane.token, lane.generation, lane.stale = token, g.number, False
             lease = Lease(g, lane)
-            lease.session = anchor
+            lease.session, lease.opened = anchor, True
             g.leases.append(lease)
             g.idle.append(lease)
             if c._links:
@@ -323,6 +329,8 @@ class Supervisor:
         except IndexError:
             found = self._probe_lease(g)
             if found is None:
+                if c._suspected:
+                    c._probe_now = True  # every session is in a call being cut off: again in a moment
                 return
             lease = found
         session_state: int | None = None
@@ -363,7 +371,9 @@ class Supervisor:
         if not c._suspected:
             return None
         with c._lock:
-            lane = c._claim_lane(g) if g is c._g and g.ready else None
+            # Never a new link: a module's first load holds the process's loading lock (its environment
+            # is read then), and on a hung HSM the probe is to wait for the call timeout, holding it.
+            lane = c._claim_lane(g, new=False) if g is c._g and g.ready else None
             if lane is None:
                 return None
             lease = Lease(g, lane)
