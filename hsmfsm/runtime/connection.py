@@ -1152,12 +1152,17 @@ class SlotConnection:
             log.info("%s: suspected; cut off %d call(s) in flight, re-issued on another member", self.name, cut)
 
     def _cut_off(self) -> tuple[int, int]:
-        """Make every call stuck in the module return: (host processes killed, sockets cut), over every lane."""
-        killed = cut = 0
-        for lane in list(self._lanes):
-            k, c = lane.module.cut_off()
-            killed, cut = killed + k, cut + c
-        return killed, cut
+        """Make every call stuck in the module return: (host processes killed, sockets cut). Lane 0's
+        module cuts what it can reach (p11-kit-client: every socket to its server, so the other lanes'
+        too); each other lane's own link is cut as well, for modules whose instances are cut apart."""
+        lanes = list(self._lanes)
+        killed, cut = lanes[0].module.cut_off()
+        extra = 0
+        for lane in lanes[1:]:
+            cut_link = getattr(lane.module, "cut_link", None)
+            if cut_link is not None and cut_link():
+                extra += 1
+        return killed, max(cut, extra + bool(cut))  # lane 0's count may include the others' sockets already
 
     # -- fork ------------------------------------------------------------------
 
