@@ -278,7 +278,8 @@ def as_text(report: Report) -> str:
                                  f"{_code(tr.code, tr.code_value)}".rstrip()))
     for i, m in enumerate(out.marks):  # not transitions: the pool's marks, beside them in time order
         if m.kind == "suspected":
-            what = f"{m.operation} ran {_t(m.elapsed or 0.0)}, past its limit of {_t(m.limit or 0.0)}"
+            elapsed, limit = (m.elapsed or 0.0) * 1e3, (m.limit or 0.0) * 1e3
+            what = f"{m.operation} had run {elapsed:.1f}ms (its limit: {limit:.1f}ms) while another member served"
         else:
             what = m.reason
         entries.append((m.t, len(out.timeline) + i,
