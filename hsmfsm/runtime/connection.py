@@ -1096,6 +1096,12 @@ class SlotConnection:
                 overran = True
                 ours = ours or i < mine
         if overran:
+            # Cutting the member cuts every call in flight on it, over every link (p11-kit-client's
+            # lane 0 cuts every socket to its server): each records what the watchdog did, call_timeout,
+            # whichever thread gets there first, not the CKR_DEVICE_ERROR the cut makes it return.
+            for slot in slots[:mine]:
+                if slot.started:
+                    slot.timed_out = True
             killed, cut = self._cut_off()
             log.warning("%s: a call overran %gs; cut %d socket(s) to the HSM%s", self.name, limit, cut,
                         f", killed {killed} stuck module process(es)" if self._host is not None else "")
