@@ -29,7 +29,7 @@ from .core.errors import (
     OutcomeUnknown,
 )
 from .core.policy import Policy, PolicyError
-from .core.records import CallRecord, TransitionRecord
+from .core.records import CallRecord, SuspicionRecord, TransitionRecord
 from .core.states import Event, IllegalTransition, State
 from .p11.codes import code_of
 from .runtime.aio import AsyncPool, WorkersBusy
@@ -45,3 +45,5 @@ __all__ = [
 ]
 # Operations (issue 13): the call hook's record and Pool.health()'s answer.
 __all__ += ["CallRecord", "PoolHealth"]
+# Performance under faults (issue 12): what Pool.add_suspicion_listener is given.
+__all__ += ["SuspicionRecord"]

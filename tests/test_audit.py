@@ -325,6 +325,8 @@ def test_a_pool_run_with_faults_leaves_a_record_that_verifies_and_detects_tamper
         b.hang()
         for i in range(10):
             verify_sig(token, "ec", b"z%d" % i, sign_ec(pool, b"z%d" % i))
+        # Suspected at once (its call cut off and signed on hsm-a); silent on, it meets the call timeout.
+        assert wait_for(lambda: pool.member("hsm-b").state != "logged_in", 10)
         b.resume()
         assert wait_for(lambda: pool.member("hsm-b").state == "logged_in", 10)
     files = sorted((tmp_path / "logs").glob("transitions.jsonl*"))

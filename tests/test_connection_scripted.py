@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from hsmfsm import CallTimeout, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown, State
-from hsmfsm.testing import ScriptedHSM, VirtualClock
+from hsmfsm import CallTimeout, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown, SlotConnection, State
+from hsmfsm.testing import ScriptedHSM, ScriptedModule, VirtualClock
 
 from scripted_helpers import MECH, NO_TOKEN, PIN, UP, Caller, Recorder, connection, gaps, guarded_clock, policy, signs
 
@@ -125,14 +125,26 @@ def test_hung_hsm_is_cut_off_at_the_call_timeout_then_recovers(clock, hsm, rec) 
     conn.close()
 
 
+class OneLinkModule(ScriptedModule):
+    """A module that serves one request at a time and cannot open a second link (no ``new_link``):
+    every session of the connection is on this instance, behind one call lock."""
+
+    new_link = None  # type: ignore[assignment]
+
+
 def test_a_hung_call_of_a_retired_generation_is_not_recorded_twice(clock, hsm, rec) -> None:
-    """A caller hangs holding the module's call lock; the probe, waiting for that lock, times out first
-    (Busy) and records the loss. When the watchdog then cuts the caller's call off, that call belongs to
-    the retired generation: the loss is on the record already, and the reconnect under way must not be
-    knocked down by a second call_timeout against the new generation."""
-    conn = connection(clock, hsm, pol=policy(probe_interval=0.5), recorder=rec)  # probes at 0.0025, 0.503
+    """A caller hangs holding the module's call lock; the probe, waiting for that lock to probe the
+    other (idle) session, times out first (Busy) and records the loss. When the watchdog then cuts the
+    caller's call off, that call belongs to the retired generation: the loss is on the record already,
+    and the reconnect under way must not be knocked down by a second call_timeout against the new one."""
+    module = OneLinkModule(hsm, clock, name="hsm-a")
+    conn = SlotConnection(module, hsm.label, lambda: PIN, policy(probe_interval=0.5), name="hsm-a", clock=clock,
+                          rand=lambda: 0.5)  # probes at 0.0025, 0.503
+    conn.add_listener(rec)
     conn.open()
-    conn.sign("rsa", b"warm", MECH)
+    clock.sleep(0.01)  # past the first probe, which leases a session of its own
+    warm = [Caller(clock, lambda d=d: conn.sign("rsa", d, MECH)) for d in (b"warm1", b"warm2")]
+    assert all(c.join(1.0) for c in warm) and conn.sessions == 2 and conn.links == 1
     clock.sleep(0.5015 - clock.monotonic())  # just after a watchdog tick (every 0.02 s), before the probe
     hsm.hang()
     hsm.at(3.0, "resume")
@@ -184,7 +196,7 @@ def test_lost_session_opens_a_new_one_without_reinitialising(clock, hsm, rec) ->
     assert conn.generation == 2
     # No C_Finalize, no second C_Initialize: only the lost generation's two sessions closed (lease and anchor).
     assert hsm.count("initialize") == 1 and hsm.count("finalize") == 0
-    assert hsm.count("close_session", "CKR_OK") == 2
+    assert hsm.count("close_session", "CKR_OK") == 1  # the lost generation's one session, which the call had leased
     assert hsm.count("login") == 2 and signs(hsm) == 2 and signs(hsm, "CKR_SESSION_HANDLE_INVALID") == 1
     conn.close()
 
@@ -200,7 +212,8 @@ def test_lost_login_logs_in_once_more_and_keeps_the_sessions(clock, hsm, rec) ->
                               ("open", "login_ok", "logged_in", "CKR_OK")]
     assert conn.generation == 1  # the sessions are still good: no new generation
     assert hsm.count("login") == 2 == conn.login_attempts
-    assert hsm.count("initialize") == 1 and hsm.count("open_session") == 2 and hsm.count("close_session") == 0
+    # One session all along: the logged-in one, which the calls lease.
+    assert hsm.count("initialize") == 1 and hsm.count("open_session") == 1 and hsm.count("close_session") == 0
     assert signs(hsm) == 2 and signs(hsm, "CKR_USER_NOT_LOGGED_IN") == 1
     conn.close()
 
@@ -336,11 +349,15 @@ def test_keygen_that_may_have_reached_the_hsm_is_never_reissued(clock, hsm, rec)
     assert hsm.count("generate_keypair") == 1
     clock.sleep(1.0)  # reconnected meanwhile: still nobody sends it again
     assert hsm.count("generate_keypair") == 1 and conn.state is State.LOGGED_IN
-    # Hung while opening a session for it: nothing was sent, the caller is told so (CallTimeout, may go again).
+    # Hung while opening a session for it (another call holds the open one): nothing was sent, the
+    # caller is told so (CallTimeout, may go again).
     hsm.hang()
+    holder = Caller(clock, lambda: conn.generate_random(4))
+    clock.sleep(0.001)
     with pytest.raises(CallTimeout) as timeout:
         conn.generate_keypair("RSA", 2048, "new")
     assert not timeout.value.may_have_acted and timeout.value.reissue
+    assert holder.join(1.0) and isinstance(holder.error, CallTimeout)
     assert hsm.count("generate_keypair") == 1
     hsm.resume()
     clock.sleep(1.0)
@@ -453,7 +470,10 @@ def test_a_refused_event_is_counted_not_dropped(clock, hsm, rec) -> None:
     assert dict(conn.ignored_events) == {(State.OPEN, "login_lost"): 1}
     assert rec.rows()[3:] == [("logged_in", "login_lost", "open", "CKR_USER_NOT_LOGGED_IN"),
                               ("open", "login_ok", "logged_in", "CKR_OK")]
-    assert signs(hsm, "CKR_USER_NOT_LOGGED_IN") == 2 and hsm.count("login") == 2
+    # Each session has a link of its own, which is its own application to the HSM: each logged in
+    # at its start, and again after the loss (lane 0 by the supervisor, the other as its call came back).
+    assert signs(hsm, "CKR_USER_NOT_LOGGED_IN") == 2 and hsm.count("login") == 4
+    assert (conn.login_attempts, conn.link_logins) == (2, 2)
     conn.close()
 
 
@@ -509,5 +529,5 @@ def test_a_listener_may_close_the_connection_it_is_told_about(clock, hsm, rec, n
     code = "HSMFSM_CALL_TIMEOUT" if noticed_by == "watchdog" else "CKR_DEVICE_ERROR"
     assert rec.rows()[3:] == [("logged_in", loss, "disconnected", code),
                               ("disconnected", "close", "disconnected", None)]
-    assert len(rec.records) == 5 and hsm.count("initialize") == 1
+    assert len(rec.records) == 5 and hsm.count("initialize") == conn.links  # each link once: no reconnect
     assert not supervisor.is_alive() and conn.state is State.DISCONNECTED

@@ -148,7 +148,10 @@ def test_all_members_down_is_one_call_record_naming_the_error(clock) -> None:
         attempts = [r for r in seen if r.kind == "attempt"]
         assert call.attempt == len(attempts) >= 1 and call.reissued == (call.attempt > 1)
         assert [r.attempt for r in attempts] == list(range(1, call.attempt + 1))
-        assert all(r.outcome == "MemberUnavailable" and r.code_name == "CKR_DEVICE_ERROR" for r in attempts)
+        # The dead link's answer, or (a session of a link of its own, opened while the first probe had the
+        # logged-in one) no token on a link initialised while the HSM is down.
+        assert all(r.outcome == "MemberUnavailable" and r.code_name in ("CKR_DEVICE_ERROR", "HSMFSM_NO_SUCH_TOKEN")
+                   for r in attempts)
         assert call.member == attempts[-1].member
         assert call.seconds == pytest.approx(pol.operations.deadline, abs=0.001)
         # Nobody serves any more: the next call asks no member at all.
@@ -262,7 +265,7 @@ def test_a_standby_that_is_down_leaves_the_pool_healthy(clock) -> None:
 def test_member_status_takes_its_old_positional_fields() -> None:
     old = MemberStatus("hsm-a", "active", "logged_in", None, None, 0, 6, None, 0, "none", None)
     assert (old.since, old.sessions) == (None, 0)
-    assert list(old.as_dict())[-2:] == ["since", "sessions"]
+    assert list(old.as_dict())[-3:] == ["since", "sessions", "suspected"] and not old.suspected
 
 
 # -- structured log fields ---------------------------------------------------------------------

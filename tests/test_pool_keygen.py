@@ -144,14 +144,18 @@ def test_member_lost_while_keygen_in_flight_is_outcome_unknown(client_module, me
 
 def test_keygen_goes_elsewhere_when_it_never_reached_the_first_member(client_module, members, pin_env,
                                                                       fast_policy):
-    """hsm-a is chosen, but opening the session for the call fails before anything of the key
-    generation is sent (the relay answers C_OpenSession itself): the call may go to hsm-b."""
+    """hsm-a is chosen, but opening the session for the call (its one open session is leased) fails
+    before anything of the key generation is sent (the relay answers C_OpenSession itself): the call
+    may go to hsm-b."""
     (_, a, relay_a), (_, b, relay_b) = members
     with make_pool(client_module, pin_env, fast_policy(), members) as pool:
-        assert pool.member("hsm-a").inflight == 0 and pool.member("hsm-a").serving
+        member = pool.member("hsm-a")
+        assert wait_for(lambda: member.inflight == 0 and member.serving, 5.0)
+        held = member._g.idle.pop()  # as a caller would hold it: the keygen needs a session of its own
         opened = relay_a.calls_seen("C_OpenSession")
         relay_a.fail("C_OpenSession", 0x30, count=1, forward=False)  # CKR_DEVICE_ERROR, from the relay
         pub, _ = keygen(pool, "made-on-b")
+        held.g.idle.append(held)
         assert pub.label == "made-on-b"
         assert relay_a.calls_failed("C_OpenSession") == 1  # (hsm-a then reconnects: more opens after it)
         assert relay_a.calls_seen("C_OpenSession") > opened

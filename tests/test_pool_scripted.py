@@ -6,10 +6,11 @@ from either verifies on both) and a module instance of its own, as in production
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from hsmfsm import AllMembersDown, MemberUnavailable, OutcomeUnknown, State
+from hsmfsm import AllMembersDown, MemberUnavailable, OutcomeUnknown, Policy, State
 from hsmfsm.runtime.pool import MemberStatus, Pool, format_status
 from hsmfsm.testing import VirtualClock
 
@@ -103,9 +104,21 @@ def test_all_members_down_past_the_deadline_names_them_then_one_returns(clock, r
         assert p.member("hsm-b").serving and not p.member("hsm-a").serving
 
 
-def test_a_hung_member_costs_a_caller_at_most_one_call_timeout(clock, rec) -> None:
+def without_suspicion(pol: Policy) -> Policy:
+    """``pol`` with its suspicion limit at the call timeout: the watchdog's cut-off always comes first."""
+    ops = pol.operations
+    return dataclasses.replace(pol, operations=dataclasses.replace(ops, suspicion=dataclasses.replace(
+        ops.suspicion, floor=ops.call_timeout, ceiling=ops.call_timeout)))
+
+
+@pytest.mark.parametrize("suspicion", [True, False], ids=["suspicion", "no-suspicion"])
+def test_a_hung_member_costs_a_caller_at_most_one_call_timeout(clock, rec, suspicion) -> None:
+    """With suspicion, the call stuck on the hung member is cut off at the suspicion ceiling (too few
+    answers yet for a p99) and re-issued on hsm-b; without, at the call timeout. Either way the
+    member itself is cut off at the call timeout (here by the call, or by its probe)."""
     hsms = replicas(clock, "hsm-a", "hsm-b")
-    pol = policy()
+    pol = policy() if suspicion else without_suspicion(policy())
+    bound = pol.operations.suspicion.ceiling if suspicion else pol.operations.call_timeout
     with pool(clock, hsms, pol, recorder=rec) as p:
         sign_many(p, 4)
         hsms["hsm-a"].hang()
@@ -115,8 +128,9 @@ def test_a_hung_member_costs_a_caller_at_most_one_call_timeout(clock, rec) -> No
             assert hsms["hsm-b"].verify_signature("rsa", b"%d" % i, p.sign("rsa", b"%d" % i, MECH), MECH)
             latencies.append(clock.monotonic() - t0)
         slow = [t for t in latencies if t > 0.01]
-        assert len(slow) == 1 and pol.operations.call_timeout < slow[0] <= pol.operations.call_timeout + 0.025
+        assert len(slow) == 1 and bound < slow[0] <= bound + 0.025
         assert latencies[0] == slow[0]  # the first call went to hsm-a (round robin), was cut off, then went to b
+        clock.sleep(pol.operations.call_timeout)
         assert rec.of("hsm-a")[3] == ("logged_in", "call_timeout", "disconnected", "HSMFSM_CALL_TIMEOUT")
         assert signs(hsms["hsm-b"]) == 12
         hsms["hsm-a"].resume()
@@ -143,12 +157,15 @@ def test_a_call_is_reissued_at_most_max_reissues_times_across_members(clock, rec
         assert p.sign("rsa", b"y", MECH)
 
 
-def test_a_caller_queued_behind_a_hung_probe_waits_less_than_one_call_timeout(clock, rec) -> None:
-    """hsm-a hangs just before its probe (every 0.5 s: at 0.503): the probe holds the module's call lock,
-    stuck. A caller that picks hsm-a waits for that lock; the watchdog cuts the probe off, and the caller
-    goes on to hsm-b: its wait is bounded by the probe's call timeout, not by the hang."""
+@pytest.mark.parametrize("suspicion", [True, False], ids=["suspicion", "no-suspicion"])
+def test_a_caller_queued_behind_a_hung_probe_waits_less_than_one_call_timeout(clock, rec, suspicion) -> None:
+    """hsm-a hangs just before its probe (every 0.5 s: at 0.503): the probe holds hsm-a's one session,
+    stuck. A caller that picks hsm-a opens a session of its own, which hangs too. With suspicion, that
+    is cut off at the ceiling and the call goes to hsm-b. Without, the watchdog cuts the probe off, and
+    with it every link of hsm-a: the caller goes on to hsm-b, its wait bounded by the probe's call
+    timeout, not by the hang."""
     hsms = replicas(clock, "hsm-a", "hsm-b")
-    pol = policy()
+    pol = policy() if suspicion else without_suspicion(policy())
     with pool(clock, hsms, pol, recorder=rec) as p:
         clock.sleep(0.5 - clock.monotonic())
         hsms["hsm-a"].hang()
@@ -158,9 +175,12 @@ def test_a_caller_queued_behind_a_hung_probe_waits_less_than_one_call_timeout(cl
             t0 = clock.monotonic()
             p.sign("rsa", b"%d" % i, MECH)
             latencies.append(clock.monotonic() - t0)
-        # The probe (stamped at 0.503) is cut at the first watchdog tick past 2.503, 2.52; then the caller's
-        # C_OpenSession on hsm-a fails at once, and hsm-b serves it (open, find the key, sign: 1.5 ms).
-        assert latencies[0] == pytest.approx(2.52 + 0.002 - 0.6, abs=0.0005)
+        if suspicion:  # cut off at the ceiling (and a tick), then hsm-b: its open session, the key, the sign
+            assert pol.operations.suspicion.ceiling < latencies[0] <= pol.operations.suspicion.ceiling + 0.022
+            clock.sleep(2.0)
+        else:  # the probe (stamped at 0.503) is cut at the first watchdog tick past 2.503, 2.52, and the
+            # caller's C_Initialize of a link of its own with it; hsm-b then serves it (find the key, sign)
+            assert latencies[0] == pytest.approx(2.52 + 0.001 - 0.6, abs=0.0005)
         assert latencies[0] < pol.operations.call_timeout and max(latencies[1:]) < 0.001
         assert rec.of("hsm-a")[3] == ("logged_in", "call_timeout", "disconnected", "HSMFSM_CALL_TIMEOUT")
         assert hsms["hsm-a"].count("session_state", "CKR_DEVICE_ERROR") == 1 and signs(hsms["hsm-b"]) == 6
@@ -352,11 +372,17 @@ def test_keygen_goes_to_another_member_only_when_it_never_left(clock, rec) -> No
     hsms = replicas(clock, "hsm-a", "hsm-b")
     a, b = hsms["hsm-a"], hsms["hsm-b"]
     with pool(clock, hsms, recorder=rec) as p:
-        a.fail("open_session", "CKR_DEVICE_ERROR")  # hsm-a cannot even open a session for it
+        clock.sleep(0.01)  # past the first probes
+        a.slow(0.5)  # hsm-a's one open session is held by a slow call ...
+        holder = Caller(clock, lambda: p.member("hsm-a").sign("rsa", b"held", MECH))
+        clock.sleep(0.01)
+        a.fail("initialize", "CKR_DEVICE_ERROR")  # ... and hsm-a cannot even open another for the keygen
         key = p.generate_keypair("RSA", 2048, "k1")
         assert key.label == "k1"
         assert a.count("generate_keypair") == 0 and b.count("generate_keypair") == 1
         assert "k1" in b.key_labels() and "k1" not in a.key_labels()
+        a.slow(0.0)
+        assert holder.join(1.0)
     others = replicas(clock, "hsm-c", "hsm-d")
     c, d = others["hsm-c"], others["hsm-d"]
     with pool(clock, others) as p:

@@ -319,6 +319,27 @@ def test_a_shipped_scenario_prints_the_same_twice_and_its_fault_causes_its_trans
         assert first.failures == []  # a pool, or the deadline, hides every member failure
 
 
+def test_the_timeline_shows_the_hung_member_suspected_and_the_stuck_calls_cost_milliseconds() -> None:
+    scenario = load_scenario("hung-hsm")
+    scenario = dataclasses.replace(scenario, duration=130.0)
+    out = simulate(scenario)
+    hang = scenario.faults[0].starts()[0]
+    suspected = [m for m in out.marks if m.kind == "suspected"]
+    assert [(m.member, m.operation) for m in suspected] == [("hsm-b", "sign")]
+    limit = scenario.pool.policy.operations.suspicion.floor  # the HSM answers in 0.5 ms: 10 x p99 is below it
+    assert suspected[0].limit == pytest.approx(limit) and hang + limit < suspected[0].t <= hang + limit + 0.021
+    cut_off = [tr for tr in out.timeline if tr.member == "hsm-b" and tr.event == "call_timeout"][0]
+    cleared = [m for m in out.marks if m.kind == "cleared"][0]
+    assert cleared.t == cut_off.t and "left service" in cleared.reason  # its probe met the call timeout
+    assert out.failures == [] and out.slowest < 0.1  # not the call timeout of 2 s
+    text = as_text(analyse(out))
+    assert "transitions, 2 suspicion marks):" in text and "hsm-b  (suspected)" in text
+    assert "suspected, hsm-b      1 time" in text and "slowest call          0.0" in text
+    data = json.loads(as_json(analyse(out)))
+    assert [m["kind"] for m in data["suspicions"]] == ["suspected", "cleared"]
+    assert data["tally"]["suspected"] == {"hsm-a": 0, "hsm-b": 1}
+
+
 def test_the_report_reads_recovery_and_tally(tmp_path: Path) -> None:
     s = load_scenario(write(tmp_path, HEAD + "policy: network-hsm\nduration: 2m\nworkload: {rate: 10}\n"
                             "faults:\n  - {fault: down, at: 30s, for: 5s}\n  - {fault: slow, at: 1m, by: 1ms, "

@@ -43,6 +43,8 @@ from ..core.policy import (
     Policy,
     PolicyError,
     ProbePolicy,
+    SessionsPolicy,
+    SuspicionPolicy,
 )
 from ..core.rules import Reaction
 from ..core.states import CODE_EVENTS, Event
@@ -263,6 +265,10 @@ _ORDER_RULES: tuple[tuple[FieldPath, FieldPath, str], ...] = (
      "the first delay cannot be longer than the longest"),
     (("operations", "call_timeout"), ("operations", "deadline"),
      "one call must fit within the deadline that spans all its attempts"),
+    (("operations", "suspicion", "floor"), ("operations", "suspicion", "ceiling"),
+     "the suspicion limit lies between the two"),
+    (("operations", "suspicion", "ceiling"), ("operations", "call_timeout"),
+     "a member is suspected before its call is cut off at the call timeout, or never"),
 )
 
 
@@ -300,6 +306,10 @@ def _backoff(given: Mapping[str, Any]) -> Backoff:
     return Backoff(**fields(given, initial=seconds, max=seconds, multiplier=float, jitter=float))
 
 
+def _suspicion(given: Mapping[str, Any]) -> SuspicionPolicy:
+    return SuspicionPolicy(**fields(given, multiple=float, floor=seconds, ceiling=seconds, window=int))
+
+
 def _code_class(name: str, spec: Mapping[str, Any]) -> CodeClass:
     event = None if spec["event"] == "none" else Event(spec["event"])
     return CodeClass(name, event, spec["reissue"], spec["may_have_acted"])
@@ -314,11 +324,13 @@ def _build(doc: Doc) -> Policy:
         default_class=data["default_class"],
         connect=ConnectPolicy(**fields(data.get("connect", {}), backoff=_backoff, max_attempts=attempts)),
         operations=OperationsPolicy(**fields(data.get("operations", {}), idempotent=frozenset,
-                                             max_reissues=int, deadline=seconds, call_timeout=seconds)),
+                                             max_reissues=int, deadline=seconds, call_timeout=seconds,
+                                             suspicion=_suspicion)),
         probe=ProbePolicy(**fields(data.get("probe", {}), interval=seconds, unhealthy_after=int,
                                    healthy_after=int)),
         degraded=DegradedPolicy(**fields(data.get("degraded", {}), slow_call=seconds, enter_after=int,
                                          leave_after=int)),
+        sessions=SessionsPolicy(**fields(data.get("sessions", {}), max=int)),
         source=doc.label,
         reactions={phase: dict(entries) for phase, entries in data.get("reactions", {}).items()},
     )

@@ -137,6 +137,10 @@ CKR_OK = Code("CKR_OK", 0)
 UNKNOWN_ERROR = "HSMFSM_UNKNOWN_ERROR"
 #: A call that overran the policy's call timeout; the watchdog cut it off.
 CALL_TIMEOUT = Code("HSMFSM_CALL_TIMEOUT", None)
+#: A call cut off because its member became suspected (it ran past its suspicion limit while
+#: another member served): re-issued on another member. The rule-book's own fact, never a
+#: policy's to classify (``hsmfsm.core.rules.decide_call``), so it is not in :data:`ALL_NAMES`.
+SUSPECTED = Code("HSMFSM_SUSPECTED", None)
 
 
 def name_of(value: int) -> str:

@@ -180,3 +180,65 @@ CKM_BY_HASH: Mapping[str, int] = {name: value for value, name in HASH_BY_CKM.ite
 #: The digest of an MGF1 mask generation function (CKG_MGF1_SHA1 = 1 ... CKG_MGF1_SHA224 = 5).
 HASH_BY_MGF: Mapping[int, str] = {1: "SHA1", 2: "SHA256", 3: "SHA384", 4: "SHA512", 5: "SHA224"}
 MGF_BY_HASH: Mapping[str, int] = {name: value for value, name in HASH_BY_MGF.items()}
+
+
+#: ECDSA curves by the OID of CKA_EC_PARAMS (namedCurve): the byte size of r and of s (PKCS#11
+#: signs r || s, each as long as the curve's order).
+EC_SIGNATURE_HALF: Mapping[str, int] = {
+    "1.2.840.10045.3.1.1": 24,  # P-192
+    "1.3.132.0.33": 28,  # P-224
+    "1.2.840.10045.3.1.7": 32,  # P-256
+    "1.3.132.0.10": 32,  # secp256k1
+    "1.3.132.0.34": 48,  # P-384
+    "1.3.132.0.35": 66,  # P-521
+    "1.3.36.3.3.2.8.1.1.7": 32,  # brainpoolP256r1
+    "1.3.36.3.3.2.8.1.1.11": 48,  # brainpoolP384r1
+    "1.3.36.3.3.2.8.1.1.13": 64,  # brainpoolP512r1
+}
+#: EdDSA signature sizes by curve: the OID of CKA_EC_PARAMS, or the curve's name (PKCS#11 3.0
+#: allows a PrintableString there).
+EDDSA_SIGNATURE: Mapping[str, int] = {"1.3.101.112": 64, "1.3.101.113": 114, "edwards25519": 64, "edwards448": 114}
+
+
+def _der_oid_or_name(der: bytes) -> str | None:
+    """CKA_EC_PARAMS as dotted OID (an OBJECT IDENTIFIER) or text (a PrintableString); None for
+    anything else (explicit curve parameters)."""
+    if len(der) < 2 or der[1] & 0x80 or der[1] != len(der) - 2:
+        return None
+    body = der[2:]
+    if der[0] == 0x13:  # PrintableString
+        return body.decode("ascii", "replace")
+    if der[0] != 0x06 or not body:
+        return None
+    parts = [body[0] // 40, body[0] % 40] if body[0] < 80 else [2, body[0] - 80]
+    value = 0
+    for byte in body[1:]:
+        value = (value << 7) | (byte & 0x7F)
+        if not byte & 0x80:
+            parts.append(value)
+            value = 0
+    return ".".join(str(p) for p in parts)
+
+
+def signature_length(key_type: str, *, modulus_bytes: int | None = None, ec_params: bytes | None = None) -> int | None:
+    """The length of a signature by a key of ``key_type`` (``"RSA"``, ``"EC"``, ``"EC_EDWARDS"``), as
+    its attributes give it: an RSA key's CKA_MODULUS length; twice an ECDSA curve's order size; 64 or
+    114 bytes for Ed25519 or Ed448. None when the attributes do not say (a curve not listed here, a
+    key type without a fixed length): the caller then asks the token (a C_Sign length query).
+
+    This is what lets a signature take two round trips (C_SignInit, C_Sign into a buffer of this
+    size) rather than three: python-pkcs11 asks the length of every signature first.
+    """
+    if key_type == "RSA":
+        return modulus_bytes or None
+    if ec_params is None:
+        return None
+    curve = _der_oid_or_name(ec_params)
+    if curve is None:
+        return None
+    if key_type == "EC":
+        half = EC_SIGNATURE_HALF.get(curve)
+        return None if half is None else 2 * half
+    if key_type == "EC_EDWARDS":
+        return EDDSA_SIGNATURE.get(curve)
+    return None

@@ -63,6 +63,51 @@ class ConnectPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class SuspicionPolicy:
+    """When a pool stops trusting a member that is slow to answer, long before the call timeout.
+
+    A call of an idempotent operation still running after
+    ``min(ceiling, max(floor, multiple * p99))``, where ``p99`` is that member's
+    own 99th percentile for that operation over its last ``window`` answered
+    calls, makes the member *suspected* (a pool-level mark, not a state), provided
+    another member serves that is expected to answer sooner. A suspected member gets no new calls
+    while another member serves, and its idempotent calls in flight are cut off
+    and re-issued elsewhere at once (``hsmfsm.core.rules.decide_suspicion``). The
+    first answer from it (a call, or the probe it is sent at once) takes the mark
+    away; a member that stays silent is cut off at ``call_timeout`` as any other.
+
+    - ``multiple``: how far past its own p99 a call may run. 10: a member whose
+      calls take 2 ms is suspected after 20 ms (or the floor).
+    - ``floor``: never sooner than this, whatever the p99 (a busy machine's
+      scheduler alone delays a call by milliseconds).
+    - ``ceiling``: never later than this: the longest a caller waits on a hung
+      member while another one serves. Below the call timeout.
+    - ``window``: how many recent answered calls per operation the p99 is taken
+      over; until 32 have answered, the limit is the ceiling.
+    """
+
+    multiple: float = 10.0
+    floor: float = 0.05
+    ceiling: float = 1.0
+    window: int = 256
+
+
+@dataclass(frozen=True, slots=True)
+class SessionsPolicy:
+    """How many HSM sessions a member (a connection) holds open at once.
+
+    ``max``: the logged-in session included. Callers lease one session each for
+    the length of a call; one that finds every session leased waits for one,
+    within its deadline. Through a module that serves one request at a time per
+    link (p11-kit-client), every session gets a link (a module instance) of its own,
+    so ``max`` is also how many requests a member has in flight. HSMs limit sessions
+    (a YubiHSM 2 has 16 in all): leave room for the other applications.
+    """
+
+    max: int = 8
+
+
+@dataclass(frozen=True, slots=True)
 class OperationsPolicy:
     """How calls are made and re-issued.
 
@@ -74,12 +119,15 @@ class OperationsPolicy:
       wait for recovery in between. The caller gets an answer by then.
     - ``call_timeout``: a single PKCS#11 call longer than this is cut off by
       the watchdog and the connection leaves ``logged_in``.
+    - ``suspicion``: in a pool, when a slow member's calls are cut off and
+      re-issued elsewhere long before the call timeout (:class:`SuspicionPolicy`).
     """
 
     idempotent: frozenset[str] = frozenset({"sign", "verify", "decrypt", "generate_random"})
     max_reissues: int = 3
     deadline: float = 10.0
     call_timeout: float = 5.0
+    suspicion: SuspicionPolicy = field(default_factory=SuspicionPolicy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +197,7 @@ class Policy:
     operations: OperationsPolicy = field(default_factory=OperationsPolicy)
     probe: ProbePolicy = field(default_factory=ProbePolicy)
     degraded: DegradedPolicy = field(default_factory=DegradedPolicy)
+    sessions: SessionsPolicy = field(default_factory=SessionsPolicy)
     source: str = "<built-in>"
     #: Per phase (``connect``, ``login``, ``probe``, ``call``), the reaction to a class where it
     #: differs from what :mod:`hsmfsm.core.rules` derives from the class's event: phase -> class -> reaction.

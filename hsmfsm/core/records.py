@@ -57,6 +57,40 @@ Listener = Callable[[TransitionRecord], None]
 
 
 @dataclass(frozen=True, slots=True)
+class SuspicionRecord:
+    """A pool's suspicion of a member, set or taken away (``Pool.add_suspicion_listener``). Not a
+    transition: the member keeps its state and sessions (``hsmfsm.core.rules.decide_suspicion``).
+
+    ``kind``: ``"suspected"`` (a call of ``operation`` had run ``elapsed`` seconds, past the member's
+    ``limit``, while another member served) or ``"cleared"`` (``reason`` says why: it answered, or
+    it left service and will be judged afresh when it is back)."""
+
+    time: float  # UNIX time (UTC)
+    pool: str
+    member: str
+    kind: str
+    operation: str | None
+    elapsed: float | None
+    limit: float | None
+    reason: str
+
+    @property
+    def iso_time(self) -> str:
+        return datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["time"] = self.iso_time
+        return d
+
+    def __str__(self) -> str:
+        return f"{self.iso_time} {self.pool}/{self.member}: {self.kind}: {self.reason}"
+
+
+SuspicionListener = Callable[[SuspicionRecord], None]
+
+
+@dataclass(frozen=True, slots=True)
 class CallRecord:
     """One call, as a call listener sees it (``SlotConnection.add_call_listener``, ``Pool.add_call_listener``).
 

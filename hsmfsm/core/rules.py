@@ -26,16 +26,26 @@ here: a login answered CKR_USER_ALREADY_LOGGED_IN succeeded; a probe that
 finds the session without a user is CKR_USER_NOT_LOGGED_IN; a call the
 watchdog cut off fires ``call_timeout`` whichever thread records it first.
 
+Suspicion (:func:`decide_suspicion`) is a pool's mark on a member, not a
+state: it fires no event and changes no session. A member whose idempotent
+call runs past its limit (``hsmfsm.core.latency``) while another member
+serves that answers sooner is suspected; it gets no new calls while another
+member serves; its idempotent calls in flight are cut off and re-issued
+elsewhere (:func:`may_cut_on_suspicion`; such a call fails with
+``HSMFSM_SUSPECTED`` in :func:`decide_call`, with no transition); its first
+answer takes the mark away. A member that stays silent meets the watchdog at
+the call timeout, as without suspicion.
+
 Pure: no I/O, no clock, no threads, no python-pkcs11.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
-from .codes import CALL_TIMEOUT, CKR, Code
+from .codes import CALL_TIMEOUT, CKR, SUSPECTED, Code
 from .errors import CallTimeout, HSMError, LoginRejected, MemberUnavailable, OperationFailed, OutcomeUnknown
 from .policy import CodeClass, Policy
 from .recovery import Verdict
@@ -180,16 +190,28 @@ def _class(policy: Policy, code: Code) -> tuple[str, CodeClass]:
 
 
 def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, sent: bool = True,
-                in_pool: bool = False, reissues: int = 0, deadline_passed: bool = False) -> Decision:
+                in_pool: bool = False, reissues: int = 0, deadline_passed: bool = False,
+                abandoned: bool = False) -> Decision:
     """A caller's operation failed with ``code``. ``sent``: the request may have reached the HSM.
 
     ``timed_out``: the watchdog cut the call off. ``in_pool``: the connection is a pool
     member, which raises at once so the pool goes elsewhere instead of waiting here.
+    ``abandoned``: the call was cut off because its member became suspected
+    (:func:`decide_suspicion`): whatever the module answered (the cut's own error), it
+    is no news about the member, which keeps its state; the pool re-issues the call.
     """
     name, klass = _class(policy, code)
     idempotent = policy.is_idempotent(operation)
     unknown = sent and not idempotent
     timeout = policy.operations.call_timeout
+    if abandoned and not timed_out:
+        if unknown:  # never cut (may_cut_on_suspicion), but should one be: its outcome is unknown
+            return Decision(Phase.CALL, SUSPECTED, "", Reaction.NONE, None, error=OutcomeUnknown,
+                            may_have_acted=True, reason="was cut off (its member is suspected) after it may "
+                                                        "have reached the HSM; not re-issued: the outcome is unknown")
+        return Decision(Phase.CALL, SUSPECTED, "", Reaction.NONE, None, error=MemberUnavailable, reissue=True,
+                        may_have_acted=sent, reason="was cut off: its member is suspected (slower than its own "
+                                                    "recent calls while another member serves)")
     if timed_out:
         # The watchdog cut this call off and records call_timeout; whichever thread gets
         # there first, the record says the same thing.
@@ -288,6 +310,46 @@ def pool_may_reissue(error: HSMError, idempotent: bool) -> bool:
     if isinstance(error, OutcomeUnknown) or not error.reissue:
         return False
     return idempotent or not error.may_have_acted
+
+
+@dataclass(frozen=True, slots=True)
+class Suspicion:
+    """Whether a call's overrun makes its member suspected, and why (for the record and the log)."""
+
+    suspect: bool
+    reason: str
+
+
+def may_cut_on_suspicion(policy: Policy, operation: str, *, sent: bool = True) -> bool:
+    """May a call of ``operation`` in flight on a suspected member be cut off and re-issued elsewhere?
+
+    An idempotent one, always. Another only while nothing of it was sent (``sent`` False: its session
+    is still being opened): a key generation cut off once sent might exist on the token already, and
+    a second one elsewhere would be a duplicate (it meets the call timeout, as without suspicion).
+    """
+    return policy.is_idempotent(operation) or not sent
+
+
+def decide_suspicion(policy: Policy, *, operation: str, elapsed: float, limit: float,
+                     alternatives: Sequence[float | None]) -> Suspicion:
+    """A call of ``operation`` has run ``elapsed`` seconds on a member whose limit for it is ``limit``
+    (``hsmfsm.core.latency.suspicion_limit``). ``alternatives``: for each other member that serves and is
+    not suspected, its own recent p99 of ``operation`` (None: too few answers to say).
+
+    Suspected when the operation is idempotent (a slow key generation is the HSM's work, not a sign of
+    trouble, and is never cut), the call is past the limit, and another member is expected to answer
+    sooner than the limit (its p99 is below it, or not known yet). Without such a member, suspicion
+    would only move calls to a member as slow: the member is left alone, as without suspicion.
+    """
+    if not policy.is_idempotent(operation):
+        return Suspicion(False, f"{operation} is not idempotent: never cut off early")
+    if elapsed <= limit:
+        return Suspicion(False, f"{operation} has run {elapsed:.3f}s, within its limit of {limit:.3f}s")
+    if not any(p99 is None or p99 < limit for p99 in alternatives):
+        return Suspicion(False, f"{operation} has run {elapsed:.3f}s, past its limit of {limit:.3f}s, but no "
+                                "other member serves that answers sooner")
+    return Suspicion(True, f"{operation} has run {elapsed:.3f}s, past the member's limit of {limit:.3f}s "
+                           "while another member serves")
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,7 +36,8 @@ try:
 except ImportError as exc:  # pragma: no cover - the message is the point
     raise ImportError("hsmfsm.metrics needs prometheus_client: pip install 'hsmfsm[prometheus]'") from exc
 
-from ..core.records import CallRecord, TransitionRecord
+from ..core.codes import SUSPECTED
+from ..core.records import CallRecord, SuspicionRecord, TransitionRecord
 from ..core.states import SERVING, Event, State
 from ..runtime.pool import Pool
 
@@ -111,6 +112,7 @@ class PrometheusCollector(Collector):
         self._errors: Counter[tuple[str, str, str, str]] = Counter()
         self._reissues: Counter[tuple[str, str]] = Counter()
         self._timeouts: Counter[tuple[str, str]] = Counter()
+        self._suspicions: Counter[tuple[str, str]] = Counter()
         self._duration: dict[tuple[str, str], _Histogram] = {}
         self._member_duration: dict[tuple[str, str, str], _Histogram] = {}
         for pool in pools:
@@ -120,8 +122,10 @@ class PrometheusCollector(Collector):
                 self._duration[(pool.name, op)] = _Histogram()
             for row in pool.status():
                 self._timeouts[(pool.name, row.name)] = 0
+                self._suspicions[(pool.name, row.name)] = 0
             pool.add_listener(_TransitionCounter(self, pool.name))
             pool.add_call_listener(self._on_call)
+            pool.add_suspicion_listener(self._on_suspicion)
 
     # -- the listeners (never under a lock of hsmfsm's; each takes the collector's briefly) --
 
@@ -130,6 +134,11 @@ class PrometheusCollector(Collector):
             self._transitions[(pool, r.member, str(r.source), str(r.dest), str(r.event))] += 1
             if r.event is Event.CALL_TIMEOUT:  # a caller's, a probe's, a login's or a connect's call
                 self._timeouts[(pool, r.member)] += 1
+
+    def _on_suspicion(self, r: SuspicionRecord) -> None:
+        if r.kind == "suspected":
+            with self._lock:
+                self._suspicions[(r.pool, r.member)] += 1
 
     def _on_call(self, r: CallRecord) -> None:
         pool = r.pool or ""
@@ -155,7 +164,10 @@ class PrometheusCollector(Collector):
                 self._errors[(pool, member, r.code_name, klass)] += 1
 
     def _class_of(self, pool: str, member: str, code: str) -> str:
-        """The policy class of a return code (``transport``, ``session``, ...), as the member's policy has it."""
+        """The policy class of a return code (``transport``, ``session``, ...), as the member's policy has it;
+        ``suspicion`` for a call cut off because its member was suspected (no policy classifies that)."""
+        if code == SUSPECTED.name:
+            return "suspicion"
         for p in self._pools:
             if p.name == pool:
                 try:
@@ -201,6 +213,8 @@ class PrometheusCollector(Collector):
             "sessions": GaugeMetricFamily("hsmfsm_member_sessions", "Sessions open on the member", labels=pm),
             "inflight": GaugeMetricFamily("hsmfsm_member_inflight_calls", "Calls in progress on the member",
                                           labels=pm),
+            "suspected": GaugeMetricFamily("hsmfsm_member_suspected", "1 while the pool suspects the member (it "
+                                           "gets no new calls while another serves)", labels=pm),
             "generation": GaugeMetricFamily("hsmfsm_member_generation",
                                             "The member's session generation (one more after each loss)",
                                             labels=pm),
@@ -222,6 +236,9 @@ class PrometheusCollector(Collector):
                                             "PKCS#11 calls (a caller's, a probe's, a login's) the watchdog cut "
                                             "off at the call timeout, ending the member's session generation",
                                             labels=pm),
+            "suspicions": CounterMetricFamily("hsmfsm_member_suspicions",
+                                              "Times the pool suspected the member (operations.suspicion)",
+                                              labels=pm),
             "dropped": CounterMetricFamily("hsmfsm_audit_dropped_records",
                                            "Transition records the audit record could not keep", labels=["pool"]),
         }
@@ -261,6 +278,7 @@ class PrometheusCollector(Collector):
                 g["max_attempts"].add_metric(labels, float("inf") if r.max_attempts is None else r.max_attempts)
                 g["sessions"].add_metric(labels, r.sessions)
                 g["inflight"].add_metric(labels, r.inflight)
+                g["suspected"].add_metric(labels, float(r.suspected))
                 g["generation"].add_metric(labels, conn.generation)
             c["dropped"].add_metric([p], pool.audit.lost if pool.audit is not None else 0)
         with self._lock:
@@ -276,6 +294,8 @@ class PrometheusCollector(Collector):
                 c["reissues"].add_metric(list(key2), n)
             for key2, n in sorted(self._timeouts.items()):
                 c["timeouts"].add_metric(list(key2), n)
+            for key2, n in sorted(self._suspicions.items()):
+                c["suspicions"].add_metric(list(key2), n)
             for key2, hist in sorted(self._duration.items()):
                 h["duration"].add_metric(list(key2), hist.buckets(), hist.sum)
             for key3, hist in sorted(self._member_duration.items()):

@@ -15,6 +15,7 @@ from typing import Any
 import pkcs11
 from pkcs11 import MGF, Attribute, KeyType, ObjectClass
 from pkcs11._pkcs11 import SearchIter  # type: ignore[attr-defined]  # python-pkcs11 has no stubs
+from pkcs11.defaults import DEFAULT_MECHANISM_PARAMS
 from pkcs11.exceptions import (
     AttributeSensitive,
     AttributeTypeInvalid,
@@ -24,9 +25,10 @@ from pkcs11.exceptions import (
 )
 
 from ..core import attributes
-from ..core.codes import Code, code_from_name
+from ..core.codes import Code, code_from_name, code_from_value
 from ..core.errors import ModuleCallError
-from ..core.mechanisms import OAEPParams, PSSParams
+from ..core.mechanisms import OAEPParams, PSSParams, signature_length
+from . import module as _ck
 from .codes import code_of
 from .host import HostError, ModuleHost, client_module
 from .module import ModuleInstance, SessionInfo
@@ -50,6 +52,83 @@ ISOLATION = ("none", "process")
 
 def _failed(exc: PKCS11Error) -> ModuleCallError:
     return ModuleCallError(code_of(exc), str(exc.args[0]) if exc.args else "")
+
+
+#: CKK values as :func:`hsmfsm.core.mechanisms.signature_length` names them.
+_KEY_TYPE_NAMES = {attributes.CKK_RSA: "RSA", attributes.CKK_EC: "EC", attributes.CKK_EC_EDWARDS: "EC_EDWARDS"}
+#: Mechanisms whose parameter is CK_RSA_PKCS_PSS_PARAMS.
+_PSS = frozenset({pkcs11.Mechanism.RSA_PKCS_PSS, pkcs11.Mechanism.SHA1_RSA_PKCS_PSS,
+                  pkcs11.Mechanism.SHA224_RSA_PKCS_PSS, pkcs11.Mechanism.SHA256_RSA_PKCS_PSS,
+                  pkcs11.Mechanism.SHA384_RSA_PKCS_PSS, pkcs11.Mechanism.SHA512_RSA_PKCS_PSS})
+#: The RSA decryption mechanisms whose plaintext fits in the modulus length.
+_RSA_DECRYPT = frozenset({pkcs11.Mechanism.RSA_PKCS, pkcs11.Mechanism.RSA_PKCS_OAEP, pkcs11.Mechanism.RSA_X_509})
+#: CK_MECHANISMs built so far, by (mechanism, parameter): read-only once built, so shared by every
+#: thread and instance (the module reads the structure during C_SignInit only), and kept for good
+#: with the parameter structures and labels they point at.
+_CK_MECHANISMS: dict[tuple[Any, Any], tuple[Any, ...] | None] = {}
+_CK_MECHANISMS_MAX = 1024
+
+
+class P11Key:
+    """A key found through a session of one module instance: python-pkcs11's object, the handles,
+    and the length of what it signs (or decrypts, for RSA) when its attributes say.
+
+    That length is what lets :meth:`P11Module.sign` take two round trips (C_SignInit, C_Sign
+    into a buffer of that size) where python-pkcs11's ``sign`` takes three: it asks the length of
+    every signature first (docs/FACTS.md).
+    """
+
+    __slots__ = ("handle", "key_type", "obj", "out_len", "session")
+
+    def __init__(self, obj: Any, session_handle: int, key_type: str | None, out_len: int | None) -> None:
+        self.obj, self.handle, self.session = obj, int(obj.handle), session_handle
+        self.key_type, self.out_len = key_type, out_len
+
+    def __repr__(self) -> str:
+        return f"<P11Key {self.key_type} handle={self.handle} session={self.session} out_len={self.out_len}>"
+
+
+def _unwrap(key: Any) -> Any:
+    return key.obj if isinstance(key, P11Key) else key
+
+
+def _ck_mechanism(mechanism: Any, param: Any) -> Any:
+    """The CK_MECHANISM for ``mechanism`` with ``param`` (None, PSSParams or OAEPParams, or
+    python-pkcs11's tuple for PSS and OAEP), or None when this path does not build that one
+    (python-pkcs11 then makes the call)."""
+    try:
+        cache_key = (mechanism, param)
+        found = _CK_MECHANISMS.get(cache_key)
+    except TypeError:  # an unhashable parameter: not ours to build
+        return None
+    if found is None and cache_key not in _CK_MECHANISMS:
+        found = _build_mechanism(mechanism, param)
+        if len(_CK_MECHANISMS) < _CK_MECHANISMS_MAX:
+            _CK_MECHANISMS[cache_key] = found
+    return None if found is None else found[0]
+
+
+def _build_mechanism(mechanism: Any, param: Any) -> tuple[Any, ...] | None:
+    if not isinstance(mechanism, pkcs11.Mechanism):
+        return None
+    if isinstance(param, PSSParams | OAEPParams):
+        param = _pkcs11_param(param)
+    if mechanism in _PSS:
+        h, mgf, salt = param if param is not None else DEFAULT_MECHANISM_PARAMS[pkcs11.Mechanism.RSA_PKCS_PSS]
+        pss = _ck.PSSParams(int(h), int(mgf), int(salt))  # type: ignore[arg-type]  # a tuple of ints
+        return (_ck.Mechanism(int(mechanism), ctypes.cast(ctypes.pointer(pss), ctypes.c_void_p),
+                              ctypes.sizeof(pss)), pss)
+    if mechanism == pkcs11.Mechanism.RSA_PKCS_OAEP:
+        h, mgf, label = param if param is not None else DEFAULT_MECHANISM_PARAMS[mechanism]
+        text: bytes | None = None if label is None else bytes(label)
+        data = None if text is None else ctypes.create_string_buffer(text, len(text))
+        oaep = _ck.OAEPParams(int(h), int(mgf), 1, None if data is None else ctypes.cast(data, ctypes.c_void_p),
+                              0 if text is None else len(text))  # source 1: CKZ_DATA_SPECIFIED
+        return (_ck.Mechanism(int(mechanism), ctypes.cast(ctypes.pointer(oaep), ctypes.c_void_p),
+                              ctypes.sizeof(oaep)), oaep, data)
+    if param is not None:
+        return None
+    return (_ck.Mechanism(int(mechanism), None, 0),)
 
 
 class P11Module:
@@ -137,14 +216,23 @@ class P11Module:
     # -- operations -------------------------------------------------------------
 
     def find_key(self, session: Any, label: str | None, kind: str, key_id: bytes | None = None) -> Any:
+        """A :class:`P11Key`: for a private key, with the length of its signatures read from its
+        attributes (CKA_KEY_TYPE, CKA_MODULUS, CKA_EC_PARAMS: two round trips, once per key and session)."""
         try:
-            return find_one(session, label, _KINDS[kind], key_id)
+            obj = find_one(session, label, _KINDS[kind], key_id)
         except PKCS11Error as exc:
             raise _failed(exc) from exc
+        key_type = out_len = None
+        if kind == "private":
+            raw_type, modulus, params = self.instance.key_info(session.handle, obj.handle)
+            key_type = _KEY_TYPE_NAMES.get(raw_type) if raw_type is not None else None
+            if key_type is not None:
+                out_len = signature_length(key_type, modulus_bytes=modulus, ec_params=params)
+        return P11Key(obj, session.handle, key_type, out_len)
 
     def key_attributes(self, session: Any, key: Any) -> dict[str, Any]:
         try:
-            return key_attributes(session, key)
+            return key_attributes(session, _unwrap(key))
         except PKCS11Error as exc:
             raise _failed(exc) from exc
 
@@ -226,9 +314,23 @@ class P11Module:
 
     def sign(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
         """``mechanism``: python-pkcs11's value (what :meth:`mechanism` returns) or a name;
-        ``param``: python-pkcs11's tuple, or a :class:`~hsmfsm.core.mechanisms.PSSParams`."""
+        ``param``: python-pkcs11's tuple, or a :class:`~hsmfsm.core.mechanisms.PSSParams`.
+
+        Two round trips when the signature's length is known from the key (:class:`P11Key`) and the
+        mechanism's parameter is one this path builds (none, PSS): C_SignInit and C_Sign through
+        ctypes (:meth:`ModuleInstance.sign`); python-pkcs11 otherwise (three: it asks the length)."""
         if isinstance(mechanism, str):
             mechanism = self.mechanism(mechanism)
+        if isinstance(key, P11Key):
+            size = key.out_len
+            if size is not None and mechanism is not None:
+                ck = _ck_mechanism(mechanism, param)
+                if ck is not None:
+                    rv, signature = self.instance.sign(key.session, key.handle, ck, bytes(data), size)
+                    if rv != 0:
+                        raise ModuleCallError(code_from_value(rv), "C_Sign failed")
+                    return signature
+            key = key.obj
         if param is not None and isinstance(param, PSSParams):
             param = _pkcs11_param(param)
         try:
@@ -237,19 +339,33 @@ class P11Module:
             raise _failed(exc) from exc
 
     def verify(self, key: Any, data: bytes, signature: bytes, mechanism: Any, param: Any) -> bool:
+        """python-pkcs11's verify: C_VerifyInit and C_Verify, two round trips already (no length to ask)."""
         if isinstance(mechanism, str):
             mechanism = self.mechanism(mechanism)
         if param is not None and isinstance(param, PSSParams):
             param = _pkcs11_param(param)
         try:
-            return key.verify(data, signature, mechanism=mechanism, mechanism_param=param)  # type: ignore[no-any-return]
+            return _unwrap(key).verify(data, signature, mechanism=mechanism,  # type: ignore[no-any-return]
+                                       mechanism_param=param)
         except PKCS11Error as exc:
             raise _failed(exc) from exc
 
     def decrypt(self, key: Any, data: bytes, mechanism: Any, param: Any) -> bytes:
-        """``param``: python-pkcs11's tuple, or a :class:`~hsmfsm.core.mechanisms.OAEPParams`."""
+        """``param``: python-pkcs11's tuple, or a :class:`~hsmfsm.core.mechanisms.OAEPParams`.
+
+        RSA (PKCS#1 v1.5, OAEP, raw) in two round trips, the plaintext into a buffer of the modulus
+        length; python-pkcs11 otherwise (C_DecryptInit, a length query, C_Decrypt)."""
         if isinstance(mechanism, str):
             mechanism = self.mechanism(mechanism)
+        if isinstance(key, P11Key):
+            if key.key_type == "RSA" and key.out_len and mechanism in _RSA_DECRYPT:
+                ck = _ck_mechanism(mechanism, param)
+                if ck is not None:
+                    rv, plain = self.instance.decrypt(key.session, key.handle, ck, bytes(data), key.out_len)
+                    if rv != 0:
+                        raise ModuleCallError(code_from_value(rv), "C_Decrypt failed")
+                    return plain
+            key = key.obj
         if param is not None and isinstance(param, OAEPParams):
             param = _pkcs11_param(param)
         try:
@@ -276,6 +392,20 @@ class P11Module:
         one) can only start after the cut has made the stuck call return."""
         killed = self.host.kill_stuck() if self.host is not None else 0
         return killed, self.instance.cut_off()
+
+    def cut_link(self) -> bool:
+        """Shut this instance's own socket alone (:meth:`ModuleInstance.cut_link`): a suspected
+        member's call returns, and the connection's other links go on."""
+        return self.instance.cut_link()
+
+    def new_link(self) -> P11Module | None:
+        """Another instance with a socket of its own to the same server (p11-kit-client, or the host
+        of ``isolation: process``), loaded at its first ``initialize``; None for an in-process module
+        (one instance per process, and its sessions run in parallel on it)."""
+        if not self.instance.can_cut_off:
+            return None
+        instance = ModuleInstance(self.instance.module, self.instance.env, self.name)
+        return P11Module(self.path, None, "", self.name, self.isolation, host=self.host, instance=instance)
 
     def stop(self) -> None:
         if self.host is not None:

@@ -34,6 +34,7 @@ import ctypes
 import os
 import shutil
 import socket
+import sys
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -43,6 +44,7 @@ from typing import Any
 import pkcs11
 
 from ..core.codes import Code, code_from_value
+from ..core.errors import ModuleCallError
 from ..core.errors import ModuleError as _CoreModuleError
 from ..core.functions import FUNCTION_NAMES
 
@@ -79,17 +81,33 @@ class _Attribute(ctypes.Structure):
     _fields_ = [("type", CK_ULONG), ("pValue", ctypes.c_void_p), ("ulValueLen", CK_ULONG)]
 
 
-class _Mechanism(ctypes.Structure):
-    _fields_ = [("mechanism", CK_ULONG), ("pParameter", ctypes.c_void_p), ("ulParameterLen", CK_ULONG)]
-
-
 #: CK_UNAVAILABLE_INFORMATION as a CK_ULONG: the length a module writes for an attribute it cannot give.
 UNAVAILABLE = ctypes.c_ulong(-1).value
+CKA_KEY_TYPE, CKA_MODULUS, CKA_EC_PARAMS = 0x100, 0x120, 0x180
 CKR_ATTRIBUTE_SENSITIVE = 0x11
 CKR_ATTRIBUTE_TYPE_INVALID = 0x12
 #: Objects read per C_FindObjects, and the most a listing reads (a token with more is refused).
 _FIND_BATCH = 64
 MAX_OBJECTS = 65536
+
+
+class Mechanism(ctypes.Structure):
+    """CK_MECHANISM."""
+
+    _fields_ = [("mechanism", CK_ULONG), ("pParameter", ctypes.c_void_p), ("ulParameterLen", CK_ULONG)]
+
+
+class PSSParams(ctypes.Structure):
+    """CK_RSA_PKCS_PSS_PARAMS."""
+
+    _fields_ = [("hashAlg", CK_ULONG), ("mgf", CK_ULONG), ("sLen", CK_ULONG)]
+
+
+class OAEPParams(ctypes.Structure):
+    """CK_RSA_PKCS_OAEP_PARAMS (source CKZ_DATA_SPECIFIED, the label as its data)."""
+
+    _fields_ = [("hashAlg", CK_ULONG), ("mgf", CK_ULONG), ("source", CK_ULONG), ("pSourceData", ctypes.c_void_p),
+                ("ulSourceDataLen", CK_ULONG)]
 
 
 class _InitArgs(ctypes.Structure):
@@ -98,7 +116,6 @@ class _InitArgs(ctypes.Structure):
                 ("flags", CK_ULONG), ("pReserved", ctypes.c_void_p)]
 
 
-# CK_FUNCTION_LIST, as far as hsmfsm calls into it (PKCS#11 2.40 order).
 #: CK_FUNCTION_LIST, in order (every entry: each pointer's offset depends on those before it).
 _FUNCTIONS = list(FUNCTION_NAMES)
 
@@ -121,9 +138,14 @@ _PROTO = {
     "C_FindObjectsInit": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_Attribute), CK_ULONG),
     "C_FindObjects": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(CK_ULONG), CK_ULONG, ctypes.POINTER(CK_ULONG)),
     "C_FindObjectsFinal": ctypes.CFUNCTYPE(CK_RV, CK_ULONG),
-    "C_GenerateKeyPair": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(_Mechanism), ctypes.POINTER(_Attribute),
+    "C_GenerateKeyPair": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(Mechanism), ctypes.POINTER(_Attribute),
                                           CK_ULONG, ctypes.POINTER(_Attribute), CK_ULONG, ctypes.POINTER(CK_ULONG),
                                           ctypes.POINTER(CK_ULONG)),
+    "C_SignInit": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(Mechanism), CK_ULONG),
+    "C_Sign": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_void_p, ctypes.POINTER(CK_ULONG)),
+    "C_DecryptInit": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.POINTER(Mechanism), CK_ULONG),
+    "C_Decrypt": ctypes.CFUNCTYPE(CK_RV, CK_ULONG, ctypes.c_char_p, CK_ULONG, ctypes.c_void_p,
+                                  ctypes.POINTER(CK_ULONG)),
 }
 
 
@@ -146,6 +168,20 @@ def _function_list_address(lib: object) -> int:
 
 _ENV_LOCK = threading.Lock()
 _LINK_DIR: str | None = None
+#: One lock per module server (its socket path): every C_Initialize to one server is made under it.
+_SERVER_LOCKS: dict[str, threading.Lock] = {}
+_SERVER_LOCKS_GUARD = threading.Lock()
+
+
+def server_lock(path: str) -> threading.Lock:
+    """The lock under which this process makes every C_Initialize to the server at ``path`` (and loads
+    every client of it), so that the one socket new to that server afterwards is known to be the
+    instance's own (:meth:`ModuleInstance.cut_link`)."""
+    with _SERVER_LOCKS_GUARD:
+        lock = _SERVER_LOCKS.get(path)
+        if lock is None:
+            lock = _SERVER_LOCKS[path] = threading.Lock()
+        return lock
 
 
 def _private_path(module: str, name: str) -> str:
@@ -187,8 +223,12 @@ def load_isolated(module: str, env: dict[str, str], name: str) -> Any:
     baselines in :mod:`hsmfsm.p11.raw`.
     """
     path = _private_path(module, name)
+    server = _server_path(env)
     with _ENV_LOCK, _environment(env):
-        return pkcs11.lib(path)
+        if server is None:
+            return pkcs11.lib(path)
+        with server_lock(server):  # its socket must not be taken for an instance's own (cut_link)
+            return pkcs11.lib(path)
 
 
 def _server_path(env: dict[str, str]) -> str | None:
@@ -222,8 +262,10 @@ def _after_fork_in_child() -> None:
     child can be mistaken for it). The inherited instances are marked, never
     called again, never deallocated (``_keep_alive``).
     """
-    global _ENV_LOCK, _LINK_DIR
+    global _ENV_LOCK, _LINK_DIR, _SERVER_LOCKS_GUARD
     _ENV_LOCK = threading.Lock()  # another thread may have held it at the fork
+    _SERVER_LOCKS_GUARD = threading.Lock()
+    _SERVER_LOCKS.clear()
     _LINK_DIR = None  # the parent's; the child makes its own
     paths = set()
     for instance in ModuleInstance._keep_alive:
@@ -289,6 +331,17 @@ class ModuleInstance:
         self._fl: _FunctionList | None = None
         self._fn: dict[str, Any] = {}
         self._server_path = _server_path(self.env)
+        #: This instance's own socket to its server, as (fd, its /proc link text "socket:[inode]"),
+        #: found at each C_Initialize: what :meth:`cut_link` shuts, and nothing else.
+        self._link: tuple[int, str] | None = None
+        #: While a C_Initialize of this instance runs: the server's sockets before it began (the one it
+        #: opens is the one not among them).
+        self._init_before: dict[int, str] | None = None
+        #: C_SignInit/C_Sign/C_DecryptInit/C_Decrypt, once loaded (the signing path's own references).
+        self._sign_init: Any = None
+        self._sign: Any = None
+        self._decrypt_init: Any = None
+        self._decrypt: Any = None
         #: True in a forked child for an instance the parent loaded: its socket belonged to the
         #: parent, so it is never called, finalised or cut off here (see :func:`_after_fork_in_child`).
         self.inherited = False
@@ -301,15 +354,40 @@ class ModuleInstance:
         Re-initialising drops every session of the previous generation on the
         module side; the caller must already have drained and abandoned them.
         """
-        # Modules read their environment at load (p11-kit-client) or at C_Initialize
-        # (SoftHSM's SOFTHSM2_CONF), so both happen with it applied. A hung
-        # C_Initialize holds the lock until the watchdog cuts it off.
+        # Modules read their environment at load (p11-kit-client: its server's address) or at
+        # C_Initialize (SoftHSM's SOFTHSM2_CONF), so both happen with it applied, under the process-wide
+        # environment lock. A socket module's re-initialisation reads none (measured: p11-kit-client
+        # keeps the address it read at load), so it runs under its server's lock alone: a member
+        # whose HSM hangs in C_Initialize holds up no other member's links. Every C_Initialize to one
+        # server is serialised, so the socket new to that server afterwards is this instance's
+        # (p11-kit-client opens one per instance, at C_Initialize). A hung one holds its locks until
+        # the watchdog (or a suspicion's cut_link, which finds the socket it is opening) cuts it off.
+        path = self._server_path
+        if self.lib is not None and path is not None:
+            with server_lock(path):
+                return self._initialize_now()
         with _ENV_LOCK, _environment(self.env):
+            if path is None:
+                return self._initialize_now()
+            with server_lock(path):
+                return self._initialize_now()
+
+    def _initialize_now(self) -> Code:
+        """(Under the locks :meth:`initialize` takes.)"""
+        before = self._sockets()
+        self._init_before = before
+        try:
             if self.lib is None:
                 self._load()
             else:
                 self.finalize()
-            return self._initialize_with_locking()
+            code = self._initialize_with_locking()
+        finally:
+            self._init_before = None
+        if self._server_path is not None:
+            new = set(self._sockets().items()) - set(before.items())
+            self._link = new.pop() if len(new) == 1 else None
+        return code
 
     def _load(self) -> None:
         path = _private_path(self.module, self.name)
@@ -326,12 +404,17 @@ class ModuleInstance:
         address = _function_list_address(self.lib)
         self._fl = _FunctionList.from_address(address)
         self._fn = {name: proto(getattr(self._fl, name)) for name, proto in _PROTO.items()}
+        fn = self._fn
+        self._sign_init, self._sign = fn["C_SignInit"], fn["C_Sign"]
+        self._decrypt_init, self._decrypt = fn["C_DecryptInit"], fn["C_Decrypt"]
+        self.initialized = True  # python-pkcs11's NULL initialisation: finalised below, or by the next attempt
         info = _Info()
         rv = self._fn["C_GetInfo"](ctypes.byref(info))
+        if rv != CKR_OK:  # the link failed under it (a cut-off): an attempt that failed, not a refused module
+            raise ModuleCallError(code_from_value(rv), f"{self.name}: C_GetInfo failed")
         described = info.manufacturerID.decode("utf-8", "replace").rstrip()
-        if rv != CKR_OK or described != self.lib.manufacturer_id:
+        if described != self.lib.manufacturer_id:
             raise ModuleError(f"{self.name}: function list check failed; refusing to drive {self.module}")
-        self.initialized = True
         self.finalize()  # python-pkcs11's NULL initialisation: replaced below with OS locking
 
     def _initialize_with_locking(self) -> Code:
@@ -457,7 +540,7 @@ class ModuleInstance:
                 array[i].type, array[i].pValue, array[i].ulValueLen = t, ctypes.cast(buf, ctypes.c_void_p), len(raw)
             return array
 
-        mech = _Mechanism()
+        mech = Mechanism()
         mech.mechanism = mechanism
         if parameter:
             pbuf = ctypes.create_string_buffer(parameter, len(parameter))
@@ -510,6 +593,38 @@ class ModuleInstance:
                 values[t] = buf.raw[:n]
         return code_from_value(CKR_OK), values
 
+    def sign(self, session_handle: int, key_handle: int, mechanism: Mechanism, data: bytes,
+             size: int) -> tuple[int, bytes]:
+        """C_SignInit, then C_Sign into a buffer of ``size`` bytes (the signature's length, known from
+        the key): two round trips where python-pkcs11 takes three (it asks the length first). Only
+        an answer of CKR_BUFFER_TOO_SMALL (the size was wrong) costs a third: the operation stays
+        active after it (PKCS#11 2.40, 5.2), and C_Sign goes again with the length the module named.
+        Returns (CK_RV, signature); ctypes releases the GIL around each call."""
+        rv: int = self._sign_init(session_handle, mechanism, key_handle)
+        if rv != CKR_OK:
+            return rv, b""
+        return _output(self._sign, session_handle, data, size)
+
+    def decrypt(self, session_handle: int, key_handle: int, mechanism: Mechanism, data: bytes,
+                size: int) -> tuple[int, bytes]:
+        """C_DecryptInit, then C_Decrypt into ``size`` bytes (an RSA key's modulus length bounds its
+        plaintext): as :meth:`sign`."""
+        rv: int = self._decrypt_init(session_handle, mechanism, key_handle)
+        if rv != CKR_OK:
+            return rv, b""
+        return _output(self._decrypt, session_handle, data, size)
+
+    def key_info(self, session_handle: int, key_handle: int) -> tuple[int | None, int | None, bytes | None]:
+        """(CKA_KEY_TYPE, the length of CKA_MODULUS, CKA_EC_PARAMS) of a key, each None where the key
+        has none: what :func:`hsmfsm.core.mechanisms.signature_length` needs. Two round trips, made
+        once per key and session (the key lookup's)."""
+        code, values = self._attributes(session_handle, key_handle, (CKA_KEY_TYPE, CKA_MODULUS, CKA_EC_PARAMS))
+        if code.value != CKR_OK:
+            return None, None, None
+        raw_type, modulus, params = values.get(CKA_KEY_TYPE), values.get(CKA_MODULUS), values.get(CKA_EC_PARAMS)
+        key_type = int.from_bytes(raw_type, sys.byteorder) if raw_type else None
+        return key_type, (len(modulus) if modulus else None), params
+
     def function(self, name: str) -> Any:
         """A function of the module's list, as ctypes calls it (those declared here), or None
         before the module was first loaded."""
@@ -558,6 +673,63 @@ class ModuleInstance:
                 sock.close()
         return cut
 
+    def cut_link(self) -> bool:
+        """Shut down this instance's own socket to its server, and no other: a call stuck on it returns
+        (CKR_DEVICE_ERROR) and the instance is broken until re-initialised, while every other instance
+        on the same server goes on. False when there is nothing to cut: no socket module, or the socket
+        is no longer the one found at C_Initialize (p11-kit-client closed it, the number was reused)."""
+        if self.inherited:
+            return False
+        before = self._init_before
+        if before is not None:  # a C_Initialize is under way (the connect, or its handshake, hangs)
+            return self._cut_sockets({fd: name for fd, name in self._sockets().items() if before.get(fd) != name})
+        link = self._link
+        if link is None:
+            return False
+        return self._cut_sockets(dict([link]))
+
+    @staticmethod
+    def _cut_sockets(sockets: dict[int, str]) -> bool:
+        """Shut each fd down that still is the socket named (its /proc link text); True if any was."""
+        cut = False
+        for fd, name in sockets.items():
+            try:
+                if os.readlink(f"/proc/self/fd/{fd}") != name:
+                    continue
+                sock = socket.socket(fileno=os.dup(fd))
+            except OSError:
+                continue
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                cut = True
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        return cut
+
+    def _sockets(self) -> dict[int, str]:
+        """This process's sockets to this instance's server: fd -> its /proc link text."""
+        found: dict[int, str] = {}
+        if self._server_path is None:
+            return found
+        for entry in os.listdir("/proc/self/fd"):
+            try:
+                name = os.readlink(f"/proc/self/fd/{entry}")
+                if not name.startswith("socket:"):
+                    continue
+                sock = socket.socket(fileno=os.dup(int(entry)))
+            except (OSError, ValueError):
+                continue
+            try:
+                if sock.family == socket.AF_UNIX and sock.getpeername() == self._server_path:
+                    found[int(entry)] = name
+            except OSError:
+                pass
+            finally:
+                sock.close()
+        return found
+
     def for_child(self) -> ModuleInstance:
         """In a forked child: the instance to use from now on.
 
@@ -574,6 +746,20 @@ class ModuleInstance:
 
     def __repr__(self) -> str:
         return f"<ModuleInstance {self.name} {self.module} initialized={self.initialized} parallel={self.parallel}>"
+
+
+def _output(fn: Any, session_handle: int, data: bytes, size: int) -> tuple[int, bytes]:
+    """The second half of a single-part operation (C_Sign, C_Decrypt): the output into ``size`` bytes,
+    and again into the length the module names if it answers CKR_BUFFER_TOO_SMALL."""
+    length = CK_ULONG(size)
+    out = ctypes.create_string_buffer(size)
+    rv: int = fn(session_handle, data, len(data), out, length)
+    if rv == CKR_BUFFER_TOO_SMALL:
+        out = ctypes.create_string_buffer(length.value)
+        rv = fn(session_handle, data, len(data), out, length)
+    if rv != CKR_OK:
+        return rv, b""
+    return rv, out.raw[:length.value]
 
 
 _SessionInfo = SessionInfo  # the soak's old name

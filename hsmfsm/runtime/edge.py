@@ -151,6 +151,19 @@ class Module(Protocol):
         """Make every call stuck in the module return: (host processes killed, sockets cut)."""
         ...
 
+    def cut_link(self) -> bool:
+        """Make the call stuck on this instance's own link return, leaving every other instance of the
+        module alone (a suspected member's call; the instance is then set up afresh). False when there
+        is no link of its own to cut."""
+        ...
+
+    def new_link(self) -> Module | None:
+        """Another instance of this module with a link of its own to the same HSM, for one more
+        session of the connection (a module that serves one request at a time per link: p11-kit-client,
+        ``isolation: process``); None when sessions share this instance. No I/O: the instance
+        loads at its first ``initialize``."""
+        ...
+
     def stop(self) -> None:
         """The connection is closed for good: stop what :meth:`prepare` started."""
         ...

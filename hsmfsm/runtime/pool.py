@@ -22,6 +22,23 @@ Recovery of members:
 Which failures may go to another member is the rule-book's decision
 (:func:`hsmfsm.core.rules.pool_may_reissue`); the pool only carries it out.
 
+Suspicion (``operations.suspicion``): a member whose idempotent call runs past
+its own recent p99 for that operation (times a multiple, between a floor and a
+ceiling) while another member serves that answers sooner is *suspected*: a
+mark of the pool's, not a state (:func:`hsmfsm.core.rules.decide_suspicion`).
+Each member's watchdog tick reports such a call here (:meth:`Pool._overran`);
+the pool decides under its lock, and the member cuts off the links of its
+idempotent calls in flight, which the callers' pool calls re-issue at once on
+another member. A suspected member gets no new calls while another member
+serves (it comes after the standbys); it is probed at once, and its first
+answer (that probe, or a call) takes the mark away. One that stays silent
+meets the call timeout as any other. With no other member serving, nothing is
+suspected and nothing cut: the pool behaves as without suspicion.
+
+Balancing counts sessions: a member whose ``sessions.max`` are all leased is
+passed over while another has one free (``round_robin``), and ``least_busy``
+picks the member with the most free sessions.
+
 Keys and mechanisms:
 
 - A call goes only to members whose token offers its mechanism (each member's
@@ -64,7 +81,14 @@ from ..audit.record import AuditLog
 from ..core import rules
 from ..core.errors import AllMembersDown, HSMError, KeyNotFound, MechanismNotSupported
 from ..core.policy import Backoff, ConnectPolicy, Policy, member_policy
-from ..core.records import CallListener, CallRecord, Listener, TransitionRecord
+from ..core.records import (
+    CallListener,
+    CallRecord,
+    Listener,
+    SuspicionListener,
+    SuspicionRecord,
+    TransitionRecord,
+)
 from ..core.recovery import ReconnectSchedule
 from ..core.states import SERVING, Event, State
 from .clock import SYSTEM
@@ -103,13 +127,15 @@ class MemberStatus:
     since: float | None = None
     #: Sessions open on the member now (the logged-in one and the callers').
     sessions: int = 0
+    #: The pool suspects the member (``operations.suspicion``): it gets no new calls while another serves.
+    suspected: bool = False
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
 class _Member:
-    __slots__ = ("checked_generation", "checked_version", "conn", "mismatch", "schedule", "standby")
+    __slots__ = ("checked_generation", "checked_version", "conn", "mismatch", "schedule", "standby", "suspected")
 
     def __init__(self, conn: SlotConnection, standby: bool, schedule: ReconnectSchedule) -> None:
         self.conn, self.standby = conn, standby
@@ -120,6 +146,9 @@ class _Member:
         #: for, and what it found wrong (None: every key matched). Under the pool's lock.
         self.checked_generation, self.checked_version = -1, -1
         self.mismatch: str | None = None
+        #: The pool suspects the member (rules.decide_suspicion). Under the pool's lock; mirrored in
+        #: the connection (``_suspected``) for its call path and watchdog.
+        self.suspected = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,6 +199,8 @@ class Pool:
         for m in self._members:
             m.conn.add_listener(self._on_transition)
             m.conn._listeners.pool = name  # the pool's name in the members' log fields
+            m.conn._watch_suspicion(self._overran, self._answered)
+        self._suspicion_listeners: list[SuspicionListener] = []
         self._call_listeners = CallListeners()
         self._health_watch = HealthWatch(self)
         #: The pool's audit record (closed with the pool), if the pool file asks for one.
@@ -295,7 +326,7 @@ class Pool:
             out.append(MemberStatus(c.name, "standby" if m.standby else "active", state,
                                     code.name if code else None, code.value if code else None, attempts,
                                     self.max_attempts, None if c.serving else next_in, c.inflight,
-                                    c.isolation, m.mismatch, c.since, c.sessions))
+                                    c.isolation, m.mismatch, c.since, c.sessions, m.suspected))
         return out
 
     def health(self) -> PoolHealth:
@@ -690,14 +721,18 @@ class Pool:
         return AllMembersDown(self.name, states)
 
     def _choose(self, tried: set[str], mech: str | None = None) -> _Member | None:
-        """The member for the next call: healthy actives first, degraded ones, then standbys."""
+        """The member for the next call: healthy actives first, degraded ones, standbys, then suspected ones."""
         for group in self._groups(tried, mech):
             if group:
                 return self._pick(group)
         return None
 
-    def _groups(self, tried: set[str], mech: str | None = None) -> tuple[list[_Member], list[_Member], list[_Member]]:
-        healthy, degraded, standby = [], [], []
+    def _groups(self, tried: set[str], mech: str | None = None
+                ) -> tuple[list[_Member], list[_Member], list[_Member], list[_Member]]:
+        healthy: list[_Member] = []
+        degraded: list[_Member] = []
+        standby: list[_Member] = []
+        suspected: list[_Member] = []
         version = self._key_version
         for m in self._members:
             c = m.conn
@@ -708,20 +743,33 @@ class Pool:
                 continue  # a replica whose keys differ, or not yet checked in this generation
             if mech is not None and (ms := c._last_mechanisms) is not None and mech not in ms:
                 continue  # the member's token lacks the mechanism
-            if m.standby:
+            if m.suspected:
+                suspected.append(m)  # asked only when no other member serves
+            elif m.standby:
                 standby.append(m)
             elif c.state is State.DEGRADED:
                 degraded.append(m)
             else:
                 healthy.append(m)
-        return healthy, degraded, standby
+        return healthy, degraded, standby, suspected
 
     def _pick(self, group: list[_Member]) -> _Member:
+        """By the balancing rule, counting sessions: ``least_busy`` takes the member with the most free
+        sessions (``sessions.max`` less those leased); ``round_robin`` passes over a member whose
+        sessions are all leased while another in the group has one free."""
         if len(group) == 1 or self.balance == "primary":
             return group[0]
         if self.balance == "least_busy":
-            return min(group, key=lambda m: m.conn.inflight)
-        return group[next(self._rr) % len(group)]
+            return max(group, key=lambda m: m.conn._max_sessions - m.conn.inflight)
+        n = len(group)
+        first = next(self._rr)
+        for i in range(n):
+            m = group[(first + i) % n]
+            c = m.conn
+            g = c._g
+            if g.idle or len(g.leases) < c._max_sessions:
+                return m
+        return group[first % n]
 
     def _wait_for_a_member(self, deadline: float, mech: str | None = None, done: Iterable[str] = ()) -> bool:
         """Wait, within the deadline, for a member to serve that may take the call (offers ``mech``,
@@ -761,13 +809,88 @@ class Pool:
 
     def _on_transition(self, record: TransitionRecord) -> None:
         m = self._by_name.get(record.member)
+        cleared = None
         with self._changed:
             if m is not None and record.dest in SERVING:
                 m.schedule.succeeded()
+            if m is not None and m.suspected and (record.dest not in SERVING or record.event is Event.LOGIN_OK):
+                cleared = self._clear(m, "it logged in again" if record.event is Event.LOGIN_OK
+                                      else f"it left service ({record.event}); judged afresh when it is back")
             self._changed.notify_all()
             check = m is not None and record.event is Event.LOGIN_OK and bool(self._known)
+        if cleared is not None:
+            self._emit_suspicion(cleared)
         if check and m is not None:
             self._check_member(m)  # the replica check: here, with no lock held (module text)
+
+    # -- suspicion (module text) -----------------------------------------------------
+
+    def add_suspicion_listener(self, listener: SuspicionListener) -> None:
+        """Call ``listener(record)`` with a :class:`~hsmfsm.core.records.SuspicionRecord` each time a
+        member becomes suspected or stops being so, never under a lock (in the member's watchdog
+        tick, its caller's or its supervisor's thread). A listener that raises is logged."""
+        self._suspicion_listeners.append(listener)
+
+    def _serves_unsuspected(self, m: _Member) -> bool:
+        """(Under the pool's lock.) Whether ``m`` could take calls in another's place."""
+        return m.conn.serving and not m.suspected and m.mismatch is None
+
+    def _overran(self, conn: SlotConnection, overrun: tuple[str, float, float] | None) -> bool:
+        """A member's watchdog tick: one of its calls is past its suspicion limit (``overrun``:
+        operation, seconds it has run, the limit), or (None) the member is suspected and has calls in
+        flight. Decides under the pool's lock (:func:`rules.decide_suspicion`), reports outside it;
+        True when the member is suspected and another member serves: the member then cuts off its
+        idempotent calls in flight, for their callers to re-issue elsewhere."""
+        m = self._by_name.get(conn.name)
+        if m is None:
+            return False
+        record = None
+        now = self._now()
+        with self._lock:
+            others = [o for o in self._members if o is not m and self._serves_unsuspected(o)]
+            if not m.suspected:
+                if overrun is None or not others or not conn.serving:
+                    return False
+                op, elapsed, limit = overrun
+                alternatives = [o.conn.latency_p99(op, now) for o in others]
+                d = rules.decide_suspicion(self.policy, operation=op, elapsed=elapsed, limit=limit,
+                                           alternatives=alternatives)
+                if not d.suspect:
+                    return False
+                m.suspected = conn._suspected = True
+                record = SuspicionRecord(self._clock.time(), self.name, m.conn.name, "suspected", op, elapsed, limit,
+                                         d.reason)
+            cut = bool(others)
+        if record is not None:
+            conn.request_probe()  # does it still answer?
+            log.warning("%s: %s is suspected: %s; no new calls go to it while another member serves, and its "
+                        "idempotent calls in flight go to another now", self.name, conn.name, record.reason)
+            self._emit_suspicion(record)
+        return cut
+
+    def _answered(self, conn: SlotConnection) -> None:
+        """A suspected member answered (a call, or its probe): the mark goes."""
+        m = self._by_name.get(conn.name)
+        if m is None:
+            return
+        with self._lock:
+            record = self._clear(m, "it answered") if m.suspected else None
+        if record is not None:
+            self._emit_suspicion(record)
+
+    def _clear(self, m: _Member, reason: str) -> SuspicionRecord:
+        """Take ``m``'s mark away (caller holds the pool's lock); the record to emit once it is released."""
+        m.suspected = m.conn._suspected = False
+        return SuspicionRecord(self._clock.time(), self.name, m.conn.name, "cleared", None, None, None, reason)
+
+    def _emit_suspicion(self, record: SuspicionRecord) -> None:
+        if record.kind == "cleared":
+            log.info("%s: %s is no longer suspected: %s", self.name, record.member, record.reason)
+        for listener in list(self._suspicion_listeners):
+            try:
+                listener(record)
+            except Exception:
+                log.exception("%s: a suspicion listener failed on %s", self.name, record)
 
 
     def _after_fork(self) -> None:
@@ -809,7 +932,7 @@ def format_status(pool: Pool) -> str:
             nxt = "" if r.next_attempt_in is None else f", next in {r.next_attempt_in:.0f}s"
             extra = f"   recovery {r.recovery_attempts}/{cap}{nxt}"
         role = ("  (standby)" if r.role == "standby" else "") + \
-            ("  (host process)" if r.isolation == "process" else "")
+            ("  (host process)" if r.isolation == "process" else "") + ("  (suspected)" if r.suspected else "")
         kept_out = f"   kept out: {r.error}" if r.error else ""
         lines.append(f"  {r.name:<{width}}   {r.state:<12} {code}{extra}{role}{kept_out}")
     serving = sum(1 for r in rows if r.state in SERVING and not r.error)

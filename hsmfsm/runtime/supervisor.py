@@ -20,12 +20,18 @@ from ..core import rules
 from ..core.codes import CALL_TIMEOUT, CKR_OK, Code
 from ..core.errors import LoginRejected, MemberUnavailable, ModuleCallError, ModuleError
 from ..core.states import SERVING, Event, State
-from .generation import Generation
+from .generation import Generation, Lease
 
 if TYPE_CHECKING:
     from .connection import SlotConnection
 
 log = logging.getLogger("hsmfsm.connection")
+
+#: ``Supervisor.watched``'s default: lane 0's call lock, as it is when the call is made.
+_LANE_0: Any = object()
+#: Seconds before a suspected member's probe looks again for a session (its calls in flight, being
+#: cut off, give theirs back within a watchdog tick or two).
+_PROBE_RETRY = 0.01
 
 
 class Supervisor:
@@ -49,10 +55,14 @@ class Supervisor:
             if state is State.FAILED:
                 self._sleep(None)
             elif state in SERVING:
-                if c._probe_enabled and now >= next_probe:
+                if (c._probe_enabled and now >= next_probe) or c._probe_now:
+                    c._probe_now = False  # asked for (a suspected member): also where probes are off
                     self.probe()
                     next_probe = c._now() + c.policy.probe.interval
-                self._sleep(max(0.0, next_probe - c._now()) if c._probe_enabled else None)
+                if c._probe_now:  # a suspected member's probe found no session yet: look again soon
+                    self._sleep(_PROBE_RETRY)
+                else:
+                    self._sleep(max(0.0, next_probe - c._now()) if c._probe_enabled else None)
             elif not c._auto_recover and not c._recovery_requested:
                 self._sleep(None)  # in-call recovery: wait for a caller to ask
             elif c._auto_recover and not c._schedule.due(now) and not c._schedule.gave_up:
@@ -85,8 +95,9 @@ class Supervisor:
 
     # -- calls under the watchdog --------------------------------------------
 
-    def watched(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """Run one supervisor PKCS#11 call under the watchdog and the module's call lock.
+    def watched(self, fn: Callable[..., Any], *args: Any, lock: Any = _LANE_0) -> Any:
+        """Run one supervisor PKCS#11 call under the watchdog and a module's call lock (lane 0's,
+        unless ``lock`` is given: the lock of the lane whose instance ``fn`` calls).
 
         The lock is taken with the call timeout: a caller stuck in a hung call holds it
         until the watchdog cuts that call off, and the supervisor must not hang behind it.
@@ -95,7 +106,8 @@ class Supervisor:
 
         c = self.c
         slot = c._supervisor_slot
-        lock = c._call_lock
+        if lock is _LANE_0:
+            lock = c._call_lock
         if lock is not None and not lock.acquire(timeout=c._timeout):
             slot.timed_out = True
             raise Busy()
@@ -144,13 +156,15 @@ class Supervisor:
         from .connection import Busy
 
         c = self.c
+        lane = c._lanes[0]
         sessions = []
         for g in generations:
             if g.module is not c._module or g.epoch != c._epoch:
                 continue  # re-initialised since: the handles are stale, and may alias new ones
-            sessions += [lease.session for lease in g.leases if lease.session is not None]
-            if g.anchor is not None:
-                sessions.append(g.anchor)
+            # Lane 0's (the anchor is one of them); another lane's session dies with that lane's
+            # next C_Initialize, which sets it up for a new generation.
+            sessions += [lease.session for lease in g.leases if lease.session is not None and lease.lane is lane
+                         and lease.epoch == lane.epoch]
         for session in sessions:
             try:
                 self.watched(c._module.close_session, session)
@@ -206,6 +220,16 @@ class Supervisor:
             g.mechanisms = mechanisms
             if mechanisms is not None:
                 c._last_mechanisms = mechanisms
+            # The anchor is lane 0's session, and a lease once the login succeeded (callers lease
+            # only while the generation serves): one of the sessions.max.
+            lane = c._lanes[0]
+            lane.token, lane.generation, lane.stale = token, g.number, False
+            lease = Lease(g, lane)
+            lease.session, lease.opened = anchor, True
+            g.leases.append(lease)
+            g.idle.append(lease)
+            if c._links:
+                lane.lease = lease
             c._fire_if_legal(Event.SESSION_OPENED, None)
 
     def _mechanisms(self, module: Any, token: Any) -> frozenset[str] | None:
@@ -288,40 +312,94 @@ class Supervisor:
     # -- the probe -------------------------------------------------------------
 
     def probe(self) -> None:
-        """One health probe on the anchor session: proves the link, the session and the login."""
+        """One health probe on an idle session, leased for it: proves the link, the session and the login.
+
+        Leased, not probed where it lies: a caller that came for that session would wait behind the
+        probe unseen by the watchdog's suspicion check (its call has not started), and on a hung HSM
+        wait for the call timeout; it opens another session instead. A connection whose sessions are
+        all leased is not probed (its calls say how it is), unless it is suspected: then a session is
+        opened for the probe (its answer takes the mark away; a hung member meets the call timeout
+        here, as without suspicion)."""
         c = self.c
         g = c._g
         if not g.ready:
             return
+        try:
+            lease = g.idle.pop()
+        except IndexError:
+            found = self._probe_lease(g)
+            if found is None:
+                if c._suspected:
+                    c._probe_now = True  # every session is in a call being cut off: again in a moment
+                return
+            lease = found
         session_state: int | None = None
         started = c._now()
         try:
-            code, session_state = self._probe_call(g)
+            code, session_state = self._probe_call(lease)
         except ModuleCallError as exc:
             code = exc.code
+        finally:
+            g.idle.append(lease)
+            if c._waiting:
+                c._lease_returned()
         slow = c._now() - started > c._slow
         d = rules.decide_probe(c.policy, code, timed_out=c._supervisor_slot.timed_out,
                                session_state=session_state)
         with c._lock:
             if g is not c._g:
                 return  # another thread recorded the loss first (the watchdog, a caller)
-            if d.reaction is rules.Reaction.NONE:
+            answered = d.reaction is rules.Reaction.NONE
+            if answered:
                 c._fire_verdict(c._health.probe_slow() if slow else c._health.probe_ok(), None)
-                return
-            c.last_code = d.code
-            if d.count is rules.Reaction.PROBE_FAILED:
-                c._fire_verdict(c._health.probe_failed(), d.code)
-            elif d.event is not None:
-                c._fire_if_legal(d.event, d.code)
+            else:
+                c.last_code = d.code
+                if d.count is rules.Reaction.PROBE_FAILED:
+                    c._fire_verdict(c._health.probe_failed(), d.code)
+                elif d.event is not None:
+                    c._fire_if_legal(d.event, d.code)
+        c._flush()
+        if answered:
+            c._answer()
 
-    def _probe_call(self, g: Generation) -> tuple[Code, int | None]:
+    def _probe_lease(self, g: Generation) -> Lease | None:
+        """A session for the probe of a connection whose sessions are all leased: only for a suspected
+        member (opened as a caller's would be, under the watchdog), else None (no probe this time)."""
+        from .connection import _OpenFailed
+
+        c = self.c
+        if not c._suspected:
+            return None
+        with c._lock:
+            # Never a new link: a module's first load holds the process's loading lock (its environment
+            # is read then), and on a hung HSM the probe is to wait for the call timeout, holding it.
+            lane = c._claim_lane(g, new=False) if g is c._g and g.ready else None
+            if lane is None:
+                return None
+            lease = Lease(g, lane)
+            g.leases.append(lease)
+            if c._links:
+                lane.lease = lease
+        try:
+            c._set_up(g, lease)
+        except _OpenFailed:
+            with c._lock:
+                if lease in g.leases:
+                    g.leases.remove(lease)
+                if lane.lease is lease:
+                    lane.lease = None
+                lane.stale = c._links
+            return None
+        return lease
+
+    def _probe_call(self, lease: Lease) -> tuple[Code, int | None]:
         c = self.c
         operation = c.policy.probe.operation
         if operation == "generate_random":
-            self.watched(c._module.generate_random, g.anchor, 16)
+            self.watched(lease.module.generate_random, lease.session, 16, lock=lease.lock)
             return CKR_OK, None
         if operation == "token_info":
-            self.watched(c._module.token_info, g.token)
+            self.watched(lease.module.token_info, lease.token, lock=lease.lock)
             return CKR_OK, None
-        code, state = self.watched(c._module.session_state, g.anchor)
+        code, state = self.watched(lease.module.session_state, lease.session, lock=lease.lock)
         return code, state

@@ -984,6 +984,18 @@ class ScriptedModule:
         self._note("cut_off")
         return 0, cut
 
+    def cut_link(self) -> bool:
+        """This instance's link alone (each instance has its own): as :meth:`cut_off`; False when
+        ``can_cut_off`` is False."""
+        return self._can_cut_off and self.cut_off()[1] >= 0
+
+    def new_link(self) -> ScriptedModule | None:
+        """One more client instance on the same HSM, with a link of its own (as a second p11-kit-client
+        instance is), for a module that can be cut off; None otherwise (sessions share this one)."""
+        if not self._can_cut_off:
+            return None
+        return ScriptedModule(self.hsm, self._clock, self.name, can_cut_off=True, parallel=self.parallel)
+
     # -- token and session ------------------------------------------------------------------
 
     def find_token(self, label: str) -> Any:

@@ -83,6 +83,20 @@ class Transition:
 
 
 @dataclass(frozen=True, slots=True)
+class Mark:
+    """A pool's suspicion of a member set (``suspected``) or taken away (``cleared``), at virtual time
+    ``t``: not a transition (the member keeps its state), shown in the timeline beside them."""
+
+    t: float
+    member: str
+    kind: str
+    operation: str | None
+    elapsed: float | None
+    limit: float | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class FailedCall:
     """A workload call that raised: when it started and ended, and what it raised."""
 
@@ -103,6 +117,8 @@ class Outcome:
 
     scenario: Scenario
     timeline: list[Transition] = field(default_factory=list)
+    #: The pool's suspicion marks (``operations.suspicion``), in time order.
+    marks: list[Mark] = field(default_factory=list)
     failures: list[FailedCall] = field(default_factory=list)
     calls: int = 0
     ok: int = 0

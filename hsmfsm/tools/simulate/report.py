@@ -29,7 +29,7 @@ from typing import Any
 
 from ...config.documents import show_seconds
 from ...core.states import SERVING
-from .model import FailedCall, Occurrence, Outcome, Transition, occurrences
+from .model import FailedCall, Mark, Occurrence, Outcome, Transition, occurrences
 
 #: Decimal places of every time printed (virtual microseconds).
 PLACES = 6
@@ -155,6 +155,15 @@ def _transition(tr: Transition) -> dict[str, Any]:
             "code": tr.code, "code_value": tr.code_value}
 
 
+def _mark(m: Mark) -> dict[str, Any]:
+    return {"t": _r(m.t), "member": m.member, "kind": m.kind, "operation": m.operation,
+            "elapsed": _opt(m.elapsed), "limit": _opt(m.limit), "reason": m.reason}
+
+
+def _suspected(marks: list[Mark], members: tuple[str, ...] | list[str]) -> dict[str, int]:
+    return {m: sum(1 for x in marks if x.member == m and x.kind == "suspected") for m in members}
+
+
 def _failure(f: FailedCall) -> dict[str, Any]:
     return {"t": _r(f.ended), "started": _r(f.started), "waited": _r(f.ended - f.started), "thread": f.thread,
             "operation": f.operation, "error": f.error, "member": f.member, "code": f.code, "state": f.state,
@@ -194,6 +203,8 @@ def to_data(report: Report) -> dict[str, Any]:
         "not_serving": {m: _r(t) for m, t in report.not_serving.items()},
         "c_login_calls": dict(out.logins), "final_states": dict(out.final_states),
     }
+    if s.pool is not None:
+        tally["suspected"] = _suspected(out.marks, s.members)
     if report.pool_not_serving is not None:
         tally["pool_not_serving"] = _r(report.pool_not_serving)
     return {
@@ -206,6 +217,7 @@ def to_data(report: Report) -> dict[str, Any]:
         "workload": {"operation": w.operation, "rate": w.rate, "threads": w.threads},
         "faults": faults,
         "timeline": [_transition(tr) for tr in out.timeline],
+        "suspicions": [_mark(m) for m in out.marks],
         "failed_calls": [_failure(f) for f in out.failures],
         "recovery": [_recovery_json(rc) for rc in report.recoveries],
         "tally": tally,
@@ -257,11 +269,22 @@ def as_text(report: Report) -> str:
         if f.count > 1:
             when += f", every {_span(f.every or 0.0)}, {f.count} times"
         lines.append(f"    {', '.join(f.members)}: {f.describe()} {when}")
-    lines += ["", f"timeline (virtual seconds; {len(out.timeline)} transitions):"]
-    for tr in out.timeline:
+    marks = f", {len(out.marks)} suspicion marks" if out.marks else ""
+    lines += ["", f"timeline (virtual seconds; {len(out.timeline)} transitions{marks}):"]
+    entries: list[tuple[float, int, str]] = []
+    for i, tr in enumerate(out.timeline):
         move = f"{tr.source} -> {tr.dest}"
-        lines.append(f"  {tr.t:>11.4f}  {tr.member:<{width}}  {move:<28} {tr.event:<15} "
-                     f"{_code(tr.code, tr.code_value)}".rstrip())
+        entries.append((tr.t, i, f"  {tr.t:>11.4f}  {tr.member:<{width}}  {move:<28} {tr.event:<15} "
+                                 f"{_code(tr.code, tr.code_value)}".rstrip()))
+    for i, m in enumerate(out.marks):  # not transitions: the pool's marks, beside them in time order
+        if m.kind == "suspected":
+            elapsed, limit = (m.elapsed or 0.0) * 1e3, (m.limit or 0.0) * 1e3
+            what = f"{m.operation} had run {elapsed:.1f}ms (its limit: {limit:.1f}ms) while another member served"
+        else:
+            what = m.reason
+        entries.append((m.t, len(out.timeline) + i,
+                        f"  {m.t:>11.4f}  {m.member:<{width}}  {'(' + m.kind + ')':<28} {what}"))
+    lines += [text for _, _, text in sorted(entries)]
     lines += ["", f"failed calls ({len(out.failures)}):"]
     if not out.failures:
         lines.append("  none")
@@ -287,6 +310,9 @@ def as_text(report: Report) -> str:
     rows += [(f"not serving, {m}", _t(t)) for m, t in report.not_serving.items()]
     if report.pool_not_serving is not None:
         rows.append(("no member serving", _t(report.pool_not_serving)))
+    if s.pool is not None:
+        rows += [(f"suspected, {m}", f"{n} time{'' if n == 1 else 's'}")
+                 for m, n in _suspected(out.marks, s.members).items()]
     rows += [(f"C_Login calls, {m}", str(n)) for m, n in out.logins.items()]
     rows += [(f"final state, {m}", state) for m, state in out.final_states.items()]
     label = max(len(name) for name, _ in rows)

@@ -27,13 +27,13 @@ from typing import Any
 
 from ...config.scenario_file import Scenario
 from ...core.errors import HSMError
-from ...core.records import TransitionRecord
+from ...core.records import SuspicionRecord, TransitionRecord
 from ...runtime.clock import SYSTEM
 from ...runtime.connection import SlotConnection
 from ...runtime.edge import PRIVATE_KEY
 from ...runtime.pool import Pool
 from ...testing import ScriptedHSM, ScriptedModule, VirtualClock, VirtualDeadlock
-from .model import END, Action, FailedCall, Outcome, Transition, schedule
+from .model import END, Action, FailedCall, Mark, Outcome, Transition, schedule
 
 __all__ = ["SimulationError", "simulate"]
 
@@ -192,7 +192,13 @@ def _run(scenario: Scenario, clock: VirtualClock, out: Outcome) -> None:
         if recording[0]:
             out.timeline.append(Transition(r.time, r.member, r.source, r.dest, r.event, r.code_name, r.code_value))
 
+    def mark(r: SuspicionRecord) -> None:
+        if recording[0]:
+            out.marks.append(Mark(r.time, r.member, r.kind, r.operation, r.elapsed, r.limit, r.reason))
+
     world.add_listener(record)
+    if world.pool is not None:
+        world.pool.add_suspicion_listener(mark)
     call, check = _operation(world, scenario)
     workload, duration = scenario.workload, scenario.duration
     world.open()

@@ -28,7 +28,7 @@ class Ending:
 
     all_back: list[str]                       # active members serving again
     sessions_before: dict[str, int | None]    # live sessions on each member's connection before close
-    expected_sessions: dict[str, int]         # anchor + leases in use
+    expected_sessions: dict[str, tuple[int, int, int]]  # (sessions leased now, links, sessions.max)
     wrong_state: str                          # the wrong-PIN standby's state
     wrong_logins: int                         # and its C_Login calls
     hosts: dict[str, int | None]              # member -> its host's process group (isolation: process)
@@ -63,7 +63,8 @@ def finish(lab: Lab, pool: Pool, work: Workload, secrets: Secrets, say: Callable
         secrets.scan("status and reprs", t)
     counter = SessionCounter()
     sessions_before = {n: counter.count(pool.member(n)) for n in names}
-    expected_sessions = {n: 1 + len(pool.member(n)._g.leases) for n in names}
+    expected_sessions = {n: (len(pool.member(n)._g.leases), pool.member(n).links, pool.member(n)._max_sessions)
+                         for n in names}
     wrong = pool.member(WRONG)
     wrong_state, wrong_logins = wrong.state, wrong.login_attempts  # before close
     hosts = {n: host.guardian_pid for n in names if (host := pool.member(n)._host) is not None}

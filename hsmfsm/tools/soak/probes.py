@@ -14,21 +14,25 @@ from ...runtime.connection import SlotConnection
 
 
 class SessionCounter:
-    """Live session handles on one member's own connection, asked with C_GetSessionInfo."""
+    """Live session handles on one member's own connection, asked with C_GetSessionInfo on each of its
+    links (module instances: over p11-kit-client every session has one of its own)."""
 
     def count(self, conn: SlotConnection, upto: int = 1024) -> int | None:
-        """How many of the handles 1..``upto`` are live sessions; None when the module is not loaded
-        or a call holds the connection's call lock for 2 s."""
-        module: Any = conn._module  # the soak is hsmfsm's own lab: it may look inside
-        lock = conn._call_lock
-        if lock is not None and not lock.acquire(timeout=2.0):
-            return None
-        try:
-            live: int | None = module.live_sessions(upto)
-            return live
-        finally:
-            if lock is not None:
-                lock.release()
+        """How many of the handles 1..``upto`` are live sessions, summed over the connection's links;
+        None when a call holds a link's call lock for 2 s."""
+        total = 0
+        for lane in list(conn._lanes):  # the soak is hsmfsm's own lab: it may look inside
+            module: Any = lane.module
+            lock = lane.lock
+            if lock is not None and not lock.acquire(timeout=2.0):
+                return None
+            try:
+                live: int | None = module.live_sessions(upto)
+            finally:
+                if lock is not None:
+                    lock.release()
+            total += live or 0
+        return total
 
 
 def children(pid: int | None) -> list[int]:

@@ -1,0 +1,211 @@
+"""Suspicion and sessions on real network HSMs: two SoftHSM replicas, each behind its own p11-kit server,
+one of them hung with SIGSTOP under load (tests/test_suspicion_scripted.py has the same logic on virtual time).
+
+Policy: the shipped network-hsm's suspicion (multiple 10, floor 50 ms, ceiling 200 ms) with fast_policy's
+call timeout of 1 s."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+from hsmfsm.core.errors import KeyNotFound, OutcomeUnknown
+from hsmfsm.core.records import CallRecord, SuspicionRecord
+from hsmfsm.tools.soak.probes import children
+
+from conftest import sign_ec, verify, wait_for
+from test_pool import make_pool, two
+
+pytestmark = pytest.mark.timeout(120)
+
+TICK = 0.02  # the watchdog's period
+#: What a loaded 2-core machine adds to a timer and a thread switch, at worst (measured: tens of ms).
+SLACK = 0.08
+
+
+class Load:
+    """``threads`` callers signing (ECDSA, verified) through the pool until ``stop()``."""
+
+    def __init__(self, pool, token, threads: int) -> None:
+        self.calls: list[tuple[float, float, str]] = []
+        self.running = True
+        self._lock = threading.Lock()
+
+        def work(i: int) -> None:
+            n = 0
+            while self.running:
+                data = b"%d-%d" % (i, n)
+                n += 1
+                t0 = time.monotonic()
+                try:
+                    verify(token, "ec", data, sign_ec(pool, data))
+                    outcome = "ok"
+                except Exception as exc:  # kept for the test to look at
+                    outcome = f"{type(exc).__name__}: {exc}"
+                with self._lock:
+                    self.calls.append((t0, time.monotonic(), outcome))
+
+        self.threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def stop(self) -> None:
+        self.running = False
+        for t in self.threads:
+            t.join(30)
+        assert not any(t.is_alive() for t in self.threads)
+
+    @property
+    def failed(self) -> list[str]:
+        return [o for _, _, o in self.calls if o != "ok"]
+
+
+def listen(pool) -> tuple[list[SuspicionRecord], list[tuple[float, CallRecord]]]:
+    """The pool's suspicion records, and its members' attempt records with the monotonic time each began."""
+    marks: list[SuspicionRecord] = []
+    attempts: list[tuple[float, CallRecord]] = []
+    pool.add_suspicion_listener(marks.append)
+    pool.add_call_listener(lambda r: attempts.append((time.monotonic() - r.seconds, r)) if r.kind == "attempt"
+                           else None)
+    return marks, attempts
+
+
+def test_a_member_hung_under_load_gets_no_new_calls_once_suspected_and_no_call_waits_past_the_ceiling(
+        client_module, hsms, pin_env, fast_policy) -> None:
+    a, b = hsms
+    policy = fast_policy()
+    ceiling = policy.operations.suspicion.ceiling
+    with make_pool(client_module, pin_env, policy, two(hsms)) as pool:
+        marks, attempts = listen(pool)
+        load = Load(pool, a.token, threads=4)
+        assert wait_for(lambda: all(pool.member(n).latency_p99("sign") is not None for n in ("hsm-a", "hsm-b")), 10)
+        time.sleep(0.3)
+        hung_at = time.monotonic()
+        a.hang()
+        time.sleep(2.0)  # twice the call timeout
+        a.resume()
+        resumed_at = time.monotonic()
+        time.sleep(1.5)
+        load.stop()
+        assert load.failed == []
+        # (A member may be suspected by a slow moment of this busy machine too, and clears at its next
+        # answer: only hsm-a's suspicion after the hang counts here.)
+        offset = time.monotonic() - time.time()
+        suspected = [m for m in marks if m.kind == "suspected" and m.member == "hsm-a" and m.time + offset >= hung_at]
+        assert suspected and suspected[0].operation == "sign"
+        suspected_at = suspected[0].time + offset
+        assert suspected[0].limit is not None and suspected[0].limit <= ceiling
+        # Every attempt on hsm-a while it hung was cut off within the ceiling (and a watchdog tick) ...
+        stuck = [r for t, r in attempts if r.member == "hsm-a" and hung_at <= t + r.seconds and t < resumed_at]
+        assert stuck and all(r.seconds <= ceiling + TICK + SLACK for r in stuck), [r.seconds for r in stuck]
+        assert {r.code_name for r in stuck} <= {"HSMFSM_SUSPECTED", None}  # cut off, or answered just in time
+        # ... and once suspected, no new call went to hsm-a while hsm-b served.
+        late = [r for t, r in attempts if r.member == "hsm-a" and suspected_at + SLACK < t < resumed_at]
+        assert late == []
+        # No caller waited past the ceiling for its signature: hsm-b took the cut-off calls at once.
+        during = [end - start for start, end, _ in load.calls if hung_at <= end and start < resumed_at]
+        assert max(during) <= ceiling + TICK + 2 * SLACK
+        # Its probe stayed silent: hsm-a was cut off at the call timeout, as without suspicion, and is back.
+        assert wait_for(lambda: pool.member("hsm-a").serving, 10)
+        assert any(m.kind == "cleared" for m in marks) and not pool.member("hsm-a").suspected
+        assert pool.member("hsm-b").generation == 1  # hsm-b never left
+
+
+def test_a_suspected_member_that_answers_comes_back_without_a_reconnect(client_module, hsms, pin_env,
+                                                                         fast_policy) -> None:
+    a, b = hsms
+    with make_pool(client_module, pin_env, fast_policy(), two(hsms)) as pool:
+        marks, _ = listen(pool)
+        load = Load(pool, a.token, threads=2)
+        assert wait_for(lambda: pool.member("hsm-a").latency_p99("sign") is not None, 10)
+        a.hang()
+        time.sleep(0.4)  # suspected after ~50 ms; resumed long before the call timeout of 1 s
+        a.resume()
+        assert wait_for(lambda: any(m.kind == "cleared" for m in marks), 2)
+        time.sleep(0.5)
+        load.stop()
+        assert load.failed == []
+        kinds = [m.kind for m in marks if m.member == "hsm-a"]
+        assert kinds[:2] == ["suspected", "cleared"]
+        assert "answered" in [m for m in marks if m.member == "hsm-a"][1].reason
+        assert pool.member("hsm-a").generation == 1 and pool.member("hsm-a").state == "logged_in"
+
+
+def test_a_keygen_on_a_hung_member_is_never_hedged(client_module, hsms, pin_env, fast_policy, tmp_path) -> None:
+    """An RSA-4096 key generation is on the wire to hsm-a (the relay saw it) when hsm-a hangs; the
+    signatures of two threads make hsm-a suspected and go to hsm-b, but the key generation is not cut
+    off: it meets the call timeout, OutcomeUnknown names hsm-a, and hsm-b never hears of it."""
+    import pkcs11
+    from hsmfsm.testing.lab import Relay
+
+    a, b = hsms
+    relay = Relay(tmp_path / "ra.sock", a.socket_path).start()
+    policy = fast_policy()
+    try:
+        members = [("hsm-a", a, relay.address), ("hsm-b", b, b.address)]
+        with make_pool(client_module, pin_env, policy, members, balance="primary") as pool:
+            marks, attempts = listen(pool)
+            load = Load(pool, a.token, threads=2)  # primary: every call goes to hsm-a while it serves
+            assert wait_for(lambda: pool.member("hsm-a").latency_p99("sign") is not None, 10)
+            outcome: list[BaseException | None] = []
+
+            def keygen() -> None:
+                try:
+                    pool.generate_keypair(pkcs11.KeyType.RSA, 4096, "never-twice")  # seconds of SoftHSM's time
+                    outcome.append(None)
+                except BaseException as exc:  # kept for the test to look at
+                    outcome.append(exc)
+
+            thread = threading.Thread(target=keygen)
+            t0 = time.monotonic()
+            thread.start()
+            assert wait_for(lambda: relay.calls_seen("C_GenerateKeyPair") == 1, 5)
+            a.hang()
+            thread.join(10)
+            elapsed = time.monotonic() - t0
+            a.resume()
+            time.sleep(0.5)
+            load.stop()
+            assert load.failed == []
+            assert any(m.kind == "suspected" and m.member == "hsm-a" for m in marks)  # the signatures' overrun
+            # Not cut off when hsm-a was suspected: it met the call timeout, and was sent nowhere else.
+            assert isinstance(outcome[0], OutcomeUnknown) and outcome[0].member == "hsm-a", outcome
+            assert elapsed >= policy.operations.call_timeout
+            assert [r.member for _, r in attempts if r.operation == "generate_keypair"] == ["hsm-a"]
+            assert wait_for(lambda: pool.member("hsm-b").serving, 5)
+            with pytest.raises(KeyNotFound):
+                pool.member("hsm-b").public_key("never-twice")
+    finally:
+        relay.stop()
+
+
+def test_sessions_never_exceed_sessions_max_under_32_threads(client_module, hsms, pin_env, fast_policy) -> None:
+    a, b = hsms
+    base = fast_policy()
+    policy = dataclasses.replace(base, sessions=dataclasses.replace(base.sessions, max=4))
+    with make_pool(client_module, pin_env, policy, two(hsms)) as pool:
+        members = [pool.member("hsm-a"), pool.member("hsm-b")]
+        most = {"hsm-a": 0, "hsm-b": 0}
+        servers = {"hsm-a": 0, "hsm-b": 0}
+        sampling = [True]
+
+        def sample() -> None:
+            while sampling[0]:
+                for m, hsm in zip(members, hsms):
+                    most[m.name] = max(most[m.name], m.sessions, m.links)
+                    servers[m.name] = max(servers[m.name], len(children(hsm.pid)))
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        load = Load(pool, a.token, threads=32)
+        time.sleep(2.0)
+        load.stop()
+        sampling[0] = False
+        sampler.join(5)
+        assert load.failed == [] and len(load.calls) > 100
+        assert most == {"hsm-a": 4, "hsm-b": 4}  # used to the full, never past it
+        # On the wire: one p11-kit-remote child per client link, so never more than sessions.max per server.
+        assert 1 <= servers["hsm-a"] <= 4 and 1 <= servers["hsm-b"] <= 4
