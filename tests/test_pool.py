@@ -287,11 +287,16 @@ def test_degraded_member_gets_less_traffic(client_module, hsms, pin_env, fast_po
     relay = Relay(listen_path=tmp_path / "slow-a.sock", upstream_path=a.socket_path).start()
     try:
         base = fast_policy(probe_interval=5.0)
-        policy = dataclasses.replace(base, degraded=dataclasses.replace(
-            base.degraded, slow_call=0.03, enter_after=2, leave_after=50))
+        ops = base.operations
+        # Suspicion off (its limit at the call timeout): a member 20 ms a reply behind the other is
+        # suspected and gets no calls at all (tests/test_suspicion.py); here it must stay in service.
+        policy = dataclasses.replace(
+            base, degraded=dataclasses.replace(base.degraded, slow_call=0.03, enter_after=2, leave_after=50),
+            operations=dataclasses.replace(ops, suspicion=dataclasses.replace(
+                ops.suspicion, floor=ops.call_timeout, ceiling=ops.call_timeout)))
         members = [("hsm-a", a, relay.address), ("hsm-b", b, b.address)]
         with make_pool(client_module, pin_env, policy, members) as pool:
-            relay.latency = 0.02  # three round trips per sign: every call on hsm-a is slow
+            relay.latency = 0.02  # two round trips per sign: every call on hsm-a is slow
             for i in range(8):
                 sign_ec(pool, b"%d" % i)
             assert pool.member("hsm-a").state == "degraded"
