@@ -21,6 +21,11 @@ from typing import Any
 from .states import SERVING, Event, State
 
 
+def iso_time(t: float) -> str:
+    """A record's UNIX time as ISO 8601 UTC with milliseconds, as every record prints it."""
+    return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds")
+
+
 @dataclass(frozen=True, slots=True)
 class TransitionRecord:
     """One state change. ``source``, ``dest`` and ``event`` are :class:`State` and :class:`Event`
@@ -38,7 +43,7 @@ class TransitionRecord:
 
     @property
     def iso_time(self) -> str:
-        return datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds")
+        return iso_time(self.time)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -76,12 +81,10 @@ class SuspicionRecord:
 
     @property
     def iso_time(self) -> str:
-        return datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds")
+        return iso_time(self.time)
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["time"] = self.iso_time
-        return d
+        return {**asdict(self), "time": self.iso_time}
 
     def __str__(self) -> str:
         return f"{self.iso_time} {self.pool}/{self.member}: {self.kind}: {self.reason}"
@@ -120,9 +123,7 @@ class CallRecord:
         return self.outcome == "ok"
 
     def as_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["time"] = datetime.fromtimestamp(self.time, UTC).isoformat(timespec="milliseconds")
-        return d
+        return {**asdict(self), "time": iso_time(self.time)}
 
     def __str__(self) -> str:
         where = "/".join(x for x in (self.pool, self.member) if x) or "-"

@@ -768,15 +768,20 @@ class SlotConnection:
         try:
             self._set_up(g, lease)
         except _OpenFailed:
-            with self._lock:
-                if lease in g.leases:
-                    g.leases.remove(lease)
-                if lane.lease is lease:
-                    lane.lease = None
-                lane.stale = self._links
-                self._changed.notify_all()
+            self._abandon(g, lease, lane)
             raise
         return lease
+
+    def _abandon(self, g: Generation, lease: Lease, lane: Lane) -> None:
+        """A lease whose session could not be set up: out of the generation, its lane free (and, over
+        links of their own, to be opened afresh)."""
+        with self._lock:
+            if lease in g.leases:
+                g.leases.remove(lease)
+            if lane.lease is lease:
+                lane.lease = None
+            lane.stale = self._links
+            self._changed.notify_all()
 
     def _has_room(self, g: Generation) -> bool:
         """Whether :meth:`_claim_lane` could find a lane now (caller holds ``_lock``)."""

@@ -383,12 +383,7 @@ class Supervisor:
         try:
             c._set_up(g, lease)
         except _OpenFailed:
-            with c._lock:
-                if lease in g.leases:
-                    g.leases.remove(lease)
-                if lane.lease is lease:
-                    lane.lease = None
-                lane.stale = c._links
+            c._abandon(g, lease, lane)
             return None
         return lease
 
