@@ -334,3 +334,32 @@ def _build(doc: Doc) -> Policy:
         source=doc.label,
         reactions={phase: dict(entries) for phase, entries in data.get("reactions", {}).items()},
     )
+
+
+def referenced_policy(doc: Doc, name: str, base_dir: Path, *, shipped_pool_hint: str = "",
+                      pool_file_hint: str = "") -> Policy:
+    """The policy a pool or scenario file names at its ``policy`` line: a shipped policy by name,
+    else a policy file relative to ``base_dir``. Errors inside that file keep the file's own
+    location; one that cannot be read at all (a directory, ``/dev/null``, no permission), or that
+    is a pool, is the naming file's mistake, reported at its ``policy`` line (the hints are added
+    to those messages)."""
+    shipped = shipped_file(name)
+    if shipped is not None:
+        if is_pool_file(shipped):
+            doc.fail(("policy",), f"{name!r} is a shipped pool, not a policy ({shipped_pool_hint}"
+                                  f"shipped policies: {', '.join(shipped_policies())})")
+        return load_policy(name)
+    path = base_dir / name
+    if missing(path):
+        names = shipped_policies()
+        doc.fail(("policy",), f"no shipped policy and no policy file {str(path)!r} "
+                              f"({did_you_mean(name, names)}shipped policies: {', '.join(names)})")
+    if is_pool_file(path):
+        doc.fail(("policy",), f"{str(path)!r} is a pool file, not a policy{pool_file_hint}")
+    try:
+        return load_policy(path)
+    except UnreadableFile as exc:
+        if exc.file != str(path):
+            raise
+        doc.fail(("policy",), f"cannot read {str(path)!r} as a policy: {exc.reason}")
+

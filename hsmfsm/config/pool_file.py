@@ -43,10 +43,8 @@ from .documents import (
     FileWarning,
     Issue,
     Origin,
-    UnreadableFile,
     attempts,
     compose,
-    did_you_mean,
     fail,
     fail_first,
     field_name,
@@ -55,7 +53,6 @@ from .documents import (
     issues,
     load_schema,
     make_validator,
-    missing,
     origin,
     read_text,
     seconds,
@@ -66,7 +63,7 @@ from .documents import (
     validate as validate_against,
 )
 from .pin import PinError, PinSource
-from .policy_file import load_policy, shipped_policies
+from .policy_file import load_policy, referenced_policy
 
 __all__ = [
     "POOLS_DIR", "POOL_FIELD", "POOL_SCHEMA_PATH", "AuditSpec", "MemberSpec", "PolicyError", "PoolRecovery",
@@ -468,35 +465,8 @@ def _serve(doc: Doc, here: Origin, expansion: _Expansion) -> ServeSpec | None:
 def _policy(doc: Doc, here: Origin, given: str | Mapping[str, Any], node: yaml.Node | None) -> Policy:
     """The members' policy: shipped by name, a file next to the pool, or written inline."""
     if isinstance(given, str):
-        return _policy_file(doc, given, here.base_dir)
+        return referenced_policy(doc, given, here.base_dir)
     return _inline_policy(doc, here, node if isinstance(node, yaml.MappingNode) else given)
-
-
-def _policy_file(doc: Doc, name: str, base_dir: Path) -> Policy:
-    """A shipped policy or a policy file; errors inside the file keep the file's own location.
-
-    A file that cannot be read at all (a directory, a device such as
-    ``/dev/null``, no permission) has no location of its own worth naming:
-    that is the pool file's mistake, reported at its ``policy`` line.
-    """
-    if _shipped_pool(name) is not None:
-        doc.fail(("policy",), f"{name!r} is a shipped pool, not a policy "
-                              f"(shipped policies: {', '.join(shipped_policies())})")
-    if shipped_file(name) is not None:
-        return load_policy(name)
-    path = base_dir / name
-    if missing(path):
-        shipped = shipped_policies()
-        doc.fail(("policy",), f"no shipped policy and no policy file {str(path)!r} "
-                              f"({did_you_mean(name, shipped)}shipped policies: {', '.join(shipped)})")
-    if is_pool_file(path):
-        doc.fail(("policy",), f"{str(path)!r} is a pool file, not a policy")
-    try:
-        return load_policy(path)
-    except UnreadableFile as exc:
-        if exc.file != str(path):
-            raise
-        doc.fail(("policy",), f"cannot read {str(path)!r} as a policy: {exc.reason}")
 
 
 def _inline_policy(doc: Doc, here: Origin, content: yaml.Node | Mapping[str, Any]) -> Policy:

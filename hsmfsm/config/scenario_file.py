@@ -68,7 +68,7 @@ from .documents import (
 from .documents import (
     validate as validate_against,
 )
-from .policy_file import load_policy, shipped_policies
+from .policy_file import load_policy, referenced_policy
 from .pool_file import PoolSpec, load_pool, shipped_pools
 
 __all__ = [
@@ -305,7 +305,8 @@ def _target(doc: Doc, here: Origin, policy_node: yaml.Node | None) -> tuple[Poli
 def _policy(doc: Doc, here: Origin, given: str | Mapping[str, Any], node: yaml.Node | None) -> Policy:
     """A shipped policy, a policy file next to the scenario, or one written inline."""
     if isinstance(given, str):
-        return _policy_file(doc, given, here.base_dir)
+        return referenced_policy(doc, given, here.base_dir, shipped_pool_hint=f"write pool: {given} to simulate "
+                                 "the pool; ", pool_file_hint=f" (write pool: {given} to simulate it)")
     where = str(here.path) if here.path is not None else doc.label
     content: yaml.Node | Mapping[str, Any] = node if isinstance(node, yaml.MappingNode) else given
     try:
@@ -317,30 +318,6 @@ def _policy(doc: Doc, here: Origin, given: str | Mapping[str, Any], node: yaml.N
         name = "policy" if exc.field == ROOT_FIELD else f"policy.{exc.field}"
         fail(doc.label, exc.line or 1, name, text)
     return dataclasses.replace(policy, source=doc.label)
-
-
-def _policy_file(doc: Doc, name: str, base_dir: Path) -> Policy:
-    """A shipped policy by name, else a policy file relative to the scenario (errors inside it keep its
-    own location; a file that cannot be read at all is the scenario's mistake, at its ``policy`` line)."""
-    shipped = shipped_file(name)
-    if shipped is not None:
-        if is_pool_file(shipped):
-            doc.fail(("policy",), f"{name!r} is a shipped pool, not a policy (write pool: {name} to simulate "
-                                  f"the pool; shipped policies: {', '.join(shipped_policies())})")
-        return load_policy(name)
-    path = base_dir / name
-    if missing(path):
-        names = shipped_policies()
-        doc.fail(("policy",), f"no shipped policy and no policy file {str(path)!r} "
-                              f"({did_you_mean(name, names)}shipped policies: {', '.join(names)})")
-    if is_pool_file(path):
-        doc.fail(("policy",), f"{str(path)!r} is a pool file, not a policy (write pool: {name} to simulate it)")
-    try:
-        return load_policy(path)
-    except UnreadableFile as exc:
-        if exc.file != str(path):
-            raise
-        doc.fail(("policy",), f"cannot read {str(path)!r} as a policy: {exc.reason}")
 
 
 def _pool_file(doc: Doc, name: str, base_dir: Path) -> PoolSpec:
