@@ -95,6 +95,44 @@ def test_a_suspected_member_shows_in_a_gauge_a_counter_and_its_cut_off_calls(clo
         assert value(scrape(collector), "hsmfsm_member_suspected", pool="signer", member="hsm-a") == 0
 
 
+def test_a_new_links_failure_and_the_links_logins_are_counted(clock) -> None:
+    """hsm-a's one session held by a slow call, primary balance: the next call needs a new link, whose
+    C_Login fails once (that link's alone: it goes to hsm-b); the one after sets a link up and logs in."""
+    import dataclasses
+
+    from scripted_helpers import Caller, policy
+
+    base = policy(probe_interval=100.0)
+    hsms = replicas(clock, "hsm-a", "hsm-b")
+    p = pool(clock, hsms, dataclasses.replace(base, sessions=dataclasses.replace(base.sessions, max=3)),
+             balance="primary")
+    collector = PrometheusCollector(p)
+    a = hsms["hsm-a"]
+    with p:
+        p.sign("rsa", b"warm", MECH)
+        clock.sleep(0.01)
+        member = p.member("hsm-a")
+        logins = value(scrape(collector), "hsmfsm_member_link_logins", "hsmfsm_member_link_logins_total",
+                       pool="signer", member="hsm-a")
+        assert logins == member.links - 1
+        a.slow(0.1)
+        holders = [Caller(clock, lambda i=i: p.sign("rsa", b"held %d" % i, MECH)) for i in range(member.links)]
+        clock.sleep(0.01)
+        a.slow(0)
+        a.fail("login", "CKR_GENERAL_ERROR", times=1)
+        p.sign("rsa", b"needs a new link", MECH)
+        p.sign("rsa", b"and another", MECH)
+        assert all(c.join(1.0) and c.error is None for c in holders)
+        m = scrape(collector)
+        assert value(m, "hsmfsm_member_link_failures", "hsmfsm_member_link_failures_total", pool="signer",
+                     member="hsm-a") == 1
+        assert value(m, "hsmfsm_member_link_failures", "hsmfsm_member_link_failures_total", pool="signer",
+                     member="hsm-b") == 0
+        assert value(m, "hsmfsm_member_link_logins", "hsmfsm_member_link_logins_total", pool="signer",
+                     member="hsm-a") == logins + 2  # the failed one and the next
+        assert value(m, "hsmfsm_member_generation", pool="signer", member="hsm-a") == 1
+
+
 def test_the_exposition_has_the_metric_set_every_state_and_counts_by_outcome(clock) -> None:
     hsms = replicas(clock, "hsm-a", "hsm-b")
     p = pool(clock, hsms, interval=1.0)

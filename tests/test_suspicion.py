@@ -110,13 +110,71 @@ def test_a_member_hung_under_load_gets_no_new_calls_once_suspected_and_no_call_w
         # Its probe stayed silent: hsm-a was cut off at the call timeout, as without suspicion, and is back.
         assert wait_for(lambda: pool.member("hsm-a").serving, 10)
         assert any(m.kind == "cleared" for m in marks) and not pool.member("hsm-a").suspected
-        if any(m.kind == "suspected" and m.member == "hsm-b" for m in marks):
-            # A false suspicion of the healthy member on a loaded machine (a 55 ms stall): its cut link
-            # can end in a reconnect of the whole member (seen once in a clean-clone run). A known
-            # defect, open in issue 12's note; here it must at least serve again.
-            assert wait_for(lambda: pool.member("hsm-b").serving, 10)
-        else:
-            assert pool.member("hsm-b").generation == 1  # hsm-b never left
+        # hsm-b never left, even if a slow moment of this machine had it suspected and its links cut
+        # (test_false_suspicions_cut_links_and_never_reconnect_a_member).
+        assert pool.member("hsm-b").generation == 1
+
+
+def test_false_suspicions_cut_links_and_never_reconnect_a_member(client_module, hsms, pin_env, fast_policy) -> None:
+    """Two healthy members under 8 threads, with a suspicion limit of their own p99 (floor 1 ms): each
+    is suspected over and over, its calls in flight cut and re-issued on the other, and its cut links
+    set up afresh while its other links log in. A new link can fail its set-up there (SoftHSM rewrites
+    its token file at each C_Login, and a server process starting meanwhile may read it torn:
+    HSMFSM_NO_SUCH_TOKEN, CKR_GENERAL_ERROR; docs/FACTS.md): that is the link's alone. No call fails,
+    and neither member ever reconnects."""
+    a, b = hsms
+    base = fast_policy()
+    suspicion = dataclasses.replace(base.operations.suspicion, floor=0.001, multiple=1.0)
+    policy = dataclasses.replace(base, operations=dataclasses.replace(base.operations, suspicion=suspicion))
+    with make_pool(client_module, pin_env, policy, two(hsms)) as pool:
+        transitions: list[object] = []
+        pool.add_listener(transitions.append)
+        marks, attempts = listen(pool)
+        load = Load(pool, a.token, threads=8)
+        assert wait_for(lambda: sum(r.code_name == "HSMFSM_SUSPECTED" for _, r in attempts) >= 20, 20)
+        time.sleep(1.0)
+        load.stop()
+        assert load.failed == [] and len(load.calls) > 100
+        cut = sum(r.code_name == "HSMFSM_SUSPECTED" for _, r in attempts)
+        assert cut >= 20 and sum(m.kind == "suspected" for m in marks) >= 2
+        assert transitions == []
+        assert pool.member("hsm-a").generation == pool.member("hsm-b").generation == 1
+        # Every other attempt that failed was a new link's set-up, counted as that link's failure.
+        others = [r for _, r in attempts if r.code_name not in (None, "HSMFSM_SUSPECTED")]
+        assert len(others) == sum(pool.member(n).link_failures for n in ("hsm-a", "hsm-b"))
+
+
+def test_a_new_link_that_fails_its_set_up_is_that_links_failure_alone(client_module, network_hsm, pin_env,
+                                                                       fast_policy, tmp_path) -> None:
+    """A lone connection through a relay that fails one new link's C_OpenSession and another's C_Login
+    (answered by the relay: the token never sees them): 4 threads sign throughout, the connection
+    never leaves logged_in, and its own login was the one C_Login the PIN cost it besides its links'."""
+    from hsmfsm import SlotConnection
+    from hsmfsm.testing.lab import Relay
+
+    network_hsm.start()
+    relay = Relay(tmp_path / "r.sock", network_hsm.socket_path).start()
+    base = fast_policy()
+    policy = dataclasses.replace(base, sessions=dataclasses.replace(base.sessions, max=6))
+    try:
+        conn = SlotConnection(module=client_module, token_label=network_hsm.token.label, pin=pin_env, policy=policy,
+                              name="hsm-a", env={"P11_KIT_SERVER_ADDRESS": relay.address})
+        with conn.open(wait=10):
+            transitions: list[object] = []
+            conn.add_listener(transitions.append)
+            sign_ec(conn, b"warm")
+            relay.fail("C_OpenSession", 0x5, count=1, forward=False)  # CKR_GENERAL_ERROR
+            relay.fail("C_Login", 0x5, count=1, forward=False)
+            load = Load(conn, network_hsm.token, threads=4)
+            assert wait_for(lambda: conn.links >= 4, 10)
+            time.sleep(0.3)
+            load.stop()
+            assert load.failed == [] and len(load.calls) > 20
+            assert relay.calls_failed("C_OpenSession") == 1 and relay.calls_failed("C_Login") == 1
+            assert transitions == [] and conn.generation == 1 and conn.state == "logged_in"
+            assert conn.link_failures == 2 and conn.login_attempts == 1
+    finally:
+        relay.stop()
 
 
 def test_a_suspected_member_that_answers_comes_back_without_a_reconnect(client_module, hsms, pin_env,

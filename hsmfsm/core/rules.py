@@ -170,6 +170,8 @@ class Decision:
       means: wait for recovery and re-issue it here.
     - ``reissue``, ``may_have_acted``: carried by that error, for the pool.
     - ``reason``: the words after the operation's name in the error message.
+    - ``link_only``: the failure was one new link's alone (:func:`link_failure`): the member keeps
+      its state and its last code; the runtime counts it as a link failure.
     """
 
     phase: Phase
@@ -182,6 +184,7 @@ class Decision:
     reissue: bool = False
     may_have_acted: bool = True
     reason: str = ""
+    link_only: bool = False
 
 
 def _class(policy: Policy, code: Code) -> tuple[str, CodeClass]:
@@ -191,7 +194,7 @@ def _class(policy: Policy, code: Code) -> tuple[str, CodeClass]:
 
 def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, sent: bool = True,
                 in_pool: bool = False, reissues: int = 0, deadline_passed: bool = False,
-                abandoned: bool = False) -> Decision:
+                abandoned: bool = False, link_only: bool = False) -> Decision:
     """A caller's operation failed with ``code``. ``sent``: the request may have reached the HSM.
 
     ``timed_out``: the watchdog cut the call off. ``in_pool``: the connection is a pool
@@ -199,6 +202,9 @@ def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, 
     ``abandoned``: the call was cut off because its member became suspected
     (:func:`decide_suspicion`): whatever the module answered (the cut's own error), it
     is no news about the member, which keeps its state; the pool re-issues the call.
+    ``link_only``: nothing was sent; the call's new link (a session of its own over
+    p11-kit-client: C_Initialize, the token, the session) could not be set up while the
+    member's other links serve (:func:`link_failure`).
     """
     name, klass = _class(policy, code)
     idempotent = policy.is_idempotent(operation)
@@ -212,6 +218,9 @@ def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, 
         return Decision(Phase.CALL, SUSPECTED, "", Reaction.NONE, None, error=MemberUnavailable, reissue=True,
                         may_have_acted=sent, reason="was cut off: its member is suspected (slower than its own "
                                                     "recent calls while another member serves)")
+    if link_only and not timed_out and not sent:
+        return link_failure(policy, Phase.CALL, code, in_pool=in_pool, reissues=reissues,
+                            deadline_passed=deadline_passed)
     if timed_out:
         # The watchdog cut this call off and records call_timeout; whichever thread gets
         # there first, the record says the same thing.
@@ -244,7 +253,7 @@ def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, 
 
 def _with(d: Decision, error: type[HSMError], reissue: bool, may_have_acted: bool, reason: str) -> Decision:
     return Decision(d.phase, d.code, d.code_class, d.reaction, d.event, d.count, error, reissue, may_have_acted,
-                    reason)
+                    reason, d.link_only)
 
 
 def decide_connect(policy: Policy, code: Code) -> Decision:
@@ -262,8 +271,54 @@ def decide_connect(policy: Policy, code: Code) -> Decision:
                     error=MemberUnavailable, may_have_acted=False)
 
 
-def decide_login(policy: Policy, code: Code, *, timed_out: bool) -> Decision:
-    """The attempt's one C_Login answered ``code`` (``timed_out``: the watchdog cut it off)."""
+#: New links of one member whose set-up may fail in a row, with no answer from the member between
+#: them, and each still count as that link's alone (:func:`is_link_failure`).
+LINK_FAILURES_IN_A_ROW = 3
+
+
+def is_link_failure(*, others_serve: bool, failures_in_a_row: int) -> bool:
+    """Whether a new link's failed set-up is that link's alone (:func:`link_failure`), not the
+    member's: while another link of the member serves (its calls say how the member is), or
+    until :data:`LINK_FAILURES_IN_A_ROW` such failures came in a row with no answer between
+    them (every link cut on suspicion, and no new one gets through: the member's, as ever)."""
+    return others_serve or failures_in_a_row < LINK_FAILURES_IN_A_ROW
+
+
+def link_failure(policy: Policy, phase: Phase, code: Code, *, in_pool: bool, reissues: int = 0,
+                 deadline_passed: bool = False) -> Decision:
+    """A new link of a member (one more session over a module whose sessions each need a socket
+    of their own) failed its set-up with ``code`` while the member's other links serve.
+
+    That is the link's failure, not the member's: no event, and the call goes again (the pool's
+    next member; on a lone connection, another session here) with nothing sent. A member that
+    really is gone is found by its other links' calls in flight (a new link is only set up when
+    every session is leased), or, when none serves, after :data:`LINK_FAILURES_IN_A_ROW`
+    (:func:`is_link_failure`). Measured on SoftHSM behind
+    `p11-kit server` (docs/FACTS.md): each link is a server process of its own, each C_Login
+    rewrites the token's file, and about 1 in 100 new links set up while others log in read it
+    torn (HSMFSM_NO_SUCH_TOKEN, CKR_GENERAL_ERROR) on a member that is healthy throughout.
+    A login the policy treats as fatal (a wrong PIN) is never a link's alone: see
+    :func:`decide_login`.
+    """
+    name, _ = _class(policy, code)
+    base = Decision(phase, code, name, Reaction.NONE, None, may_have_acted=False, link_only=True)
+    reason = f"found no free session: a new link's set-up failed with {code} while the member's other links serve"
+    if in_pool:
+        return _with(base, MemberUnavailable, True, False, reason)
+    if reissues >= policy.operations.max_reissues:
+        return _with(base, OperationFailed, False, False, f"{reason} ({reissues} re-issues)")
+    if deadline_passed:
+        return _with(base, MemberUnavailable, False, False,
+                     f"{reason}; the deadline of {policy.operations.deadline:g}s passed")
+    return base
+
+
+def decide_login(policy: Policy, code: Code, *, timed_out: bool, link_only: bool = False) -> Decision:
+    """The attempt's one C_Login answered ``code`` (``timed_out``: the watchdog cut it off).
+
+    ``link_only``: the login of one more link (:func:`link_failure`) while the member's other
+    links serve: a code the policy treats as fatal (the PIN refused) is the member's as ever;
+    any other is that link's alone."""
     name, _ = _class(policy, code)
     if not timed_out and code.value in LOGIN_OK_VALUES:
         return Decision(Phase.LOGIN, code, name, Reaction.NONE, Event.LOGIN_OK, may_have_acted=False)
@@ -275,6 +330,8 @@ def decide_login(policy: Policy, code: Code, *, timed_out: bool) -> Decision:
         return Decision(Phase.LOGIN, code, name, react, Event.FATAL, error=LoginRejected, may_have_acted=False,
                         reason="the HSM rejected the login; hsmfsm will not try this PIN again "
                                "(a retry can lock the token). Fix the PIN, then call reset()")
+    if link_only:
+        return link_failure(policy, Phase.LOGIN, code, in_pool=True)
     # Every other failed login counts as a failed attempt, so a token that keeps
     # refusing logins still runs out of connect.max_attempts.
     return Decision(Phase.LOGIN, code, name, react, REACTION_EVENT[react], count=Reaction.CONNECT_FAILED,

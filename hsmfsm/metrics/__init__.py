@@ -239,6 +239,13 @@ class PrometheusCollector(Collector):
             "suspicions": CounterMetricFamily("hsmfsm_member_suspicions",
                                               "Times the pool suspected the member (operations.suspicion)",
                                               labels=pm),
+            "link_logins": CounterMetricFamily("hsmfsm_member_link_logins",
+                                               "C_Login calls made by the member's further links (one per link "
+                                               "set up; the member's own login is not counted)", labels=pm),
+            "link_failures": CounterMetricFamily("hsmfsm_member_link_failures",
+                                                 "New links of the member whose set-up failed while its other "
+                                                 "links served (each that link's alone: no state change)",
+                                                 labels=pm),
             "dropped": CounterMetricFamily("hsmfsm_audit_dropped_records",
                                            "Transition records the audit record could not keep", labels=["pool"]),
         }
@@ -280,6 +287,8 @@ class PrometheusCollector(Collector):
                 g["inflight"].add_metric(labels, r.inflight)
                 g["suspected"].add_metric(labels, float(r.suspected))
                 g["generation"].add_metric(labels, conn.generation)
+                c["link_logins"].add_metric(labels, conn.link_logins)
+                c["link_failures"].add_metric(labels, conn.link_failures)
             c["dropped"].add_metric([p], pool.audit.lost if pool.audit is not None else 0)
         with self._lock:
             for key, n in sorted(self._transitions.items()):

@@ -385,9 +385,20 @@ class ModuleInstance:
         finally:
             self._init_before = None
         if self._server_path is not None:
-            new = set(self._sockets().items()) - set(before.items())
-            self._link = new.pop() if len(new) == 1 else None
+            self._link = self._new_socket(before)
         return code
+
+    def _new_socket(self, before: dict[int, str]) -> tuple[int, str] | None:
+        """The one socket to the server that is not among ``before`` (by socket, not fd number), or
+        None. A second fd for it is another thread's passing dup (:meth:`_sockets`): look again."""
+        known = set(before.values())
+        for _ in range(3):
+            new = [(fd, name) for fd, name in self._sockets().items() if name not in known]
+            if len(new) == 1:
+                return new[0]
+            if not new:
+                return None
+        return None
 
     def _load(self) -> None:
         path = _private_path(self.module, self.name)
@@ -682,7 +693,10 @@ class ModuleInstance:
             return False
         before = self._init_before
         if before is not None:  # a C_Initialize is under way (the connect, or its handshake, hangs)
-            return self._cut_sockets({fd: name for fd, name in self._sockets().items() if before.get(fd) != name})
+            # New by socket, not by fd number: another thread's scan (:meth:`_sockets`, of another
+            # member's C_Initialize) holds a passing dup of some other link's socket under a new number.
+            known = set(before.values())
+            return self._cut_sockets({fd: name for fd, name in self._sockets().items() if name not in known})
         link = self._link
         if link is None:
             return False

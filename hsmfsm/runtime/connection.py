@@ -96,12 +96,15 @@ class Busy(ModuleCallError):
 
 
 class _OpenFailed(Exception):
-    """Opening a session for a caller failed; carries whether the watchdog cut it off, and whether
-    the failure's event was already fired (a lane's C_Login, decided as the login phase)."""
+    """Opening a session for a caller failed; carries whether the watchdog cut it off, whether the
+    failure's event was already fired (a lane's C_Login, decided as the login phase), and whether it
+    was one new link's alone (``link_only``: the member's other links serve, ``rules.link_failure``)."""
 
-    def __init__(self, error: ModuleCallError, timed_out: bool, fired: bool = False, abandoned: bool = False) -> None:
+    def __init__(self, error: ModuleCallError, timed_out: bool, fired: bool = False, abandoned: bool = False,
+                 link_only: bool = False) -> None:
         super().__init__(error)
         self.error, self.timed_out, self.fired, self.abandoned = error, timed_out, fired, abandoned
+        self.link_only = link_only
 
 
 #: Suspicion hooks a pool gives its members: (connection, (operation, elapsed, limit) or None) ->
@@ -210,6 +213,11 @@ class SlotConnection:
         #: HSM, docs/FACTS.md): made only in a generation whose own login succeeded, one at a time, and
         #: never once a PIN was refused. The C_Login calls made in all are the two counts together.
         self.link_logins = 0
+        #: New links whose set-up failed while the member's other links served (``rules.link_failure``):
+        #: each such failure stayed that link's, and the member was probed.
+        self.link_failures = 0
+        #: Those failures since the member last answered (a call, a probe, a link set up).
+        self._link_streak = 0
         #: Events the rule-book asked for that the state did not accept (raced by another
         #: thread's transition): counted per (state, event), and logged at DEBUG, never dropped silently.
         self.ignored_events: collections.Counter[tuple[State, Event]] = collections.Counter()
@@ -628,7 +636,7 @@ class SlotConnection:
                     reissues = self._after_error(op, g, failure.error.code, failure.timed_out, reissues, started,
                                                  sent=False, cause=failure.error, deadline=deadline,
                                                  attempts=attempts, fired=failure.fired,
-                                                 abandoned=failure.abandoned)
+                                                 abandoned=failure.abandoned, link_only=failure.link_only)
                     continue
                 if new is None:
                     continue
@@ -674,6 +682,8 @@ class SlotConnection:
                 if self._waiting:
                     self._lease_returned()
             window.append(elapsed)
+            if self._link_streak:
+                self._link_streak = 0  # the member answered
             if accept is not None and not accept(result):
                 reissues = self._rejected(op, g, reissues, started, deadline, attempts)
                 continue
@@ -767,14 +777,16 @@ class SlotConnection:
         lease.op = op  # a suspected member's session being set up for a call is cut off too (nothing was sent)
         try:
             self._set_up(g, lease)
-        except _OpenFailed:
-            self._abandon(g, lease, lane)
+        except _OpenFailed as failure:
+            link_only = self._abandon(g, lease, lane)
+            failure.link_only = failure.link_only or (link_only and not failure.fired)
             raise
         return lease
 
-    def _abandon(self, g: Generation, lease: Lease, lane: Lane) -> None:
+    def _abandon(self, g: Generation, lease: Lease, lane: Lane) -> bool:
         """A lease whose session could not be set up: out of the generation, its lane free (and, over
-        links of their own, to be opened afresh)."""
+        links of their own, to be opened afresh). Returns whether that failure is the link's alone
+        (:meth:`_failure_is_link_only`), read under the same lock."""
         with self._lock:
             if lease in g.leases:
                 g.leases.remove(lease)
@@ -782,6 +794,17 @@ class SlotConnection:
                 lane.lease = None
             lane.stale = self._links
             self._changed.notify_all()
+            return self._failure_is_link_only(g, lease)
+
+    def _failure_is_link_only(self, g: Generation, lease: Lease) -> bool:
+        """Whether a failure of ``lease``'s new link is that link's alone (``rules.is_link_failure``):
+        over links of their own, in the current generation, while another session of it is set up
+        with its link not cut, or the member answered since the last few such failures (caller
+        holds ``_lock``)."""
+        if not self._links or g is not self._g or not g.ready:
+            return False
+        others = any(other is not lease and other.opened and not other.drop for other in g.leases)
+        return rules.is_link_failure(others_serve=others, failures_in_a_row=self._link_streak)
 
     def _has_room(self, g: Generation) -> bool:
         """Whether :meth:`_claim_lane` could find a lane now (caller holds ``_lock``)."""
@@ -854,6 +877,7 @@ class SlotConnection:
             lease.session = module.open_session(token)
             self._lane_login(g, lease)
             lease.opened = True
+            self._link_streak = 0
             lane.stale, lane.generation = False, g.number
             if lane.number == 0:
                 with self._lock:
@@ -878,6 +902,7 @@ class SlotConnection:
             with self._lock:
                 usable = g is self._g and g.ready and self._machine.current is not State.FAILED
                 last = self.last_code or CALL_TIMEOUT
+                link_only = self._failure_is_link_only(g, lease)
                 if usable:
                     self.link_logins += 1
             if not usable:
@@ -894,12 +919,15 @@ class SlotConnection:
                 code = lease.module.login(lease.session, pin)
             finally:
                 del pin
-            d = rules.decide_login(self.policy, code, timed_out=lease.timed_out)
+            d = rules.decide_login(self.policy, code, timed_out=lease.timed_out, link_only=link_only)
             if d.event is Event.LOGIN_OK:
                 return
             if lease.abandoned and not lease.timed_out:  # its link was cut: the member is suspected, no news
                 raise _OpenFailed(ModuleCallError(code, "C_Login of a session's link was cut off"), False,
                                   abandoned=True)
+            if d.link_only:  # this link's alone: no event, the call goes again (_after_error)
+                raise _OpenFailed(ModuleCallError(code, "C_Login of a session's link failed"), False,
+                                  link_only=True)
             with self._lock:
                 if g is self._g:
                     self.last_code = d.code
@@ -915,25 +943,29 @@ class SlotConnection:
     def _after_error(self, op: str, g: Generation, code: Code, timed_out: bool, reissues: int, started: float,
                      sent: bool = True, cause: BaseException | None = None, deadline: float | None = None,
                      attempts: Attempts | None = None, abandoned: bool = False, fired: bool = False,
-                     relogin: bool = False) -> int:
+                     relogin: bool = False, link_only: bool = False) -> int:
         """Ask the rule-book, fire its event, and do as it says: re-issue (returns the count) or raise.
 
         ``abandoned``: the watchdog cut the call off on suspicion (no news about the member: no
         event, and its last code stays the HSM's). ``fired``: the failure's event was fired already
         (a lane's login, decided as the login phase). ``relogin``: the call ran on a lane whose login
-        a ``login_lost`` already took away, so a login loss it reports is on the record already."""
+        a ``login_lost`` already took away, so a login loss it reports is on the record already.
+        ``link_only``: a new link's set-up failed while the member's other links serve: that link's
+        failure alone (``rules.link_failure``)."""
         if timed_out:
             code = CALL_TIMEOUT
         limit = self._deadline if deadline is None else deadline
         d = rules.decide_call(self._policy_for(deadline), code, operation=RULE_OPERATION.get(op, op),
                               timed_out=timed_out, sent=sent, in_pool=not self._wait_for_recovery,
                               reissues=reissues, deadline_passed=self._now() - started > limit,
-                              abandoned=abandoned)
+                              abandoned=abandoned, link_only=link_only)
         code = d.code
+        if d.link_only:
+            self._link_failed(op, code, cause)
         if relogin and d.event is Event.LOGIN_LOST:
             fired = True
         with self._lock:
-            if g is self._g and code is not SUSPECTED and not fired:
+            if g is self._g and code is not SUSPECTED and not fired and not d.link_only:
                 self.last_code = code
                 if d.count is rules.Reaction.IMPAIRED:
                     self._fire_verdict(self._health.call_impaired(), code)
@@ -948,6 +980,16 @@ class SlotConnection:
         error = d.error(self.name, f"{op} {d.reason}", code, state, reissue=d.reissue,
                         may_have_acted=d.may_have_acted)
         raise error from (None if timed_out else cause)
+
+    def _link_failed(self, op: str, code: Code, cause: BaseException | None) -> None:
+        """One new link failed its set-up, and the failure is that link's alone: counted and logged
+        (the member's other calls, or the next failures in a row, say how the member is)."""
+        with self._lock:
+            self.link_failures += 1
+            self._link_streak += 1
+        log.warning("%s: %s: a new link's set-up failed with %s (%s); the member's other links serve, so that "
+                    "link alone is dropped and the call goes again", self.name, op, code,
+                    cause if cause is not None else "no detail")
 
     def _policy_for(self, deadline: float | None) -> Policy:
         """The policy, or (for a call given ``deadline=``) a copy with that deadline, which the
@@ -971,6 +1013,7 @@ class SlotConnection:
 
     def _answer(self) -> None:
         """The member answered (a call, or a probe): a pool that suspects it takes the mark away."""
+        self._link_streak = 0
         answered = self._answered
         if self._suspected and answered is not None:
             answered(self)

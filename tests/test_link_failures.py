@@ -1,0 +1,193 @@
+"""A new link's failure is that link's alone: the rule-book's decisions (``rules.link_failure``), and
+the runtime on ScriptedHSMs and a VirtualClock. The same on real tokens is in tests/test_suspicion.py.
+
+Over p11-kit-client each session of a member has a link (a socket, a server process) of its own. One
+that cannot be set up while the member's other links serve says nothing about the member: SoftHSM
+behind `p11-kit server` fails about 1 in 100 new links set up while others log in (docs/FACTS.md)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator
+
+import pytest
+from hsmfsm import LoginRejected, MemberUnavailable, OperationFailed, State
+from hsmfsm.core import rules
+from hsmfsm.core.codes import CALL_TIMEOUT, SUSPECTED, code_from_name
+from hsmfsm.core.errors import CallTimeout
+from hsmfsm.testing import VirtualClock
+
+from scripted_helpers import MECH, Caller, Recorder, connection, guarded_clock, policy, pool, replicas, signs
+
+pytestmark = pytest.mark.timeout(30)
+
+NO_TOKEN = code_from_name("HSMFSM_NO_SUCH_TOKEN")
+GENERAL = code_from_name("CKR_GENERAL_ERROR")
+PIN_INCORRECT = code_from_name("CKR_PIN_INCORRECT")
+
+
+# --------------------------------------------------------------------------- the rule-book
+
+
+@pytest.mark.parametrize("code", [NO_TOKEN, GENERAL, code_from_name("CKR_DEVICE_ERROR")])
+def test_a_links_failure_fires_nothing_and_goes_again(code) -> None:
+    p = policy()
+    d = rules.decide_call(p, code, operation="sign", timed_out=False, sent=False, in_pool=True, link_only=True)
+    assert (d.event, d.count, d.reaction) == (None, None, rules.Reaction.NONE)
+    assert (d.error, d.reissue, d.may_have_acted, d.link_only) == (MemberUnavailable, True, False, True)
+    assert d.code == code and "a new link's set-up failed" in d.reason
+    # The same code from a member's own connection (not one more link) is the member's, as ever.
+    whole = rules.decide_call(p, code, operation="sign", timed_out=False, sent=False, in_pool=True)
+    assert whole.event is rules.Event.CONNECTION_LOST and not whole.link_only
+
+
+def test_a_lone_connection_goes_again_within_its_reissues_and_deadline() -> None:
+    p = policy()
+    d = rules.decide_call(p, NO_TOKEN, operation="sign", timed_out=False, sent=False, link_only=True)
+    assert (d.event, d.error, d.link_only) == (None, None, True)  # None: go again here
+    limit = p.operations.max_reissues
+    d = rules.decide_call(p, NO_TOKEN, operation="sign", timed_out=False, sent=False, link_only=True,
+                          reissues=limit)
+    assert (d.event, d.error, d.link_only) == (None, OperationFailed, True) and f"({limit} re-issues)" in d.reason
+    d = rules.decide_call(p, NO_TOKEN, operation="sign", timed_out=False, sent=False, link_only=True,
+                          deadline_passed=True)
+    assert (d.event, d.error) == (None, MemberUnavailable) and "deadline" in d.reason
+
+
+def test_a_cut_a_timeout_or_a_sent_call_is_not_a_links_failure() -> None:
+    p = policy()
+    d = rules.decide_call(p, NO_TOKEN, operation="sign", timed_out=False, sent=False, in_pool=True,
+                          link_only=True, abandoned=True)
+    assert d.code == SUSPECTED and not d.link_only  # cut on suspicion: that reason is the one on record
+    d = rules.decide_call(p, GENERAL, operation="sign", timed_out=True, sent=False, in_pool=True, link_only=True)
+    assert (d.event, d.error) == (rules.Event.CALL_TIMEOUT, CallTimeout)  # the watchdog's: the member's
+    d = rules.decide_call(p, GENERAL, operation="sign", timed_out=False, sent=True, in_pool=True, link_only=True)
+    assert d.event is rules.Event.CONNECTION_LOST and not d.link_only  # a call on the link, not its set-up
+    assert CALL_TIMEOUT != SUSPECTED
+
+
+def test_a_refused_pin_on_a_new_link_is_the_members_and_fatal() -> None:
+    p = policy()
+    d = rules.decide_login(p, PIN_INCORRECT, timed_out=False, link_only=True)
+    assert (d.event, d.error, d.link_only) == (rules.Event.FATAL, LoginRejected, False)
+    d = rules.decide_login(p, GENERAL, timed_out=False, link_only=True)
+    assert (d.event, d.count, d.link_only) == (None, None, True)
+    d = rules.decide_login(p, GENERAL, timed_out=False)
+    assert d.event is not None and not d.link_only
+
+
+def test_how_many_in_a_row_stay_a_links() -> None:
+    n = rules.LINK_FAILURES_IN_A_ROW
+    assert n >= 2
+    assert all(rules.is_link_failure(others_serve=False, failures_in_a_row=k) for k in range(n))
+    assert not rules.is_link_failure(others_serve=False, failures_in_a_row=n)
+    assert rules.is_link_failure(others_serve=True, failures_in_a_row=n + 10)
+
+
+# --------------------------------------------------------------------------- the runtime, scripted
+
+
+@pytest.fixture
+def clock() -> Iterator[VirtualClock]:
+    yield from guarded_clock(limit=20.0)
+
+
+def with_sessions(n: int, **kw):
+    """``sessions.max`` n, and no probe but the ones asked for (the background one would borrow a
+    session, and open a link of its own)."""
+    kw.setdefault("probe_interval", 100.0)
+    p = policy(**kw)
+    return dataclasses.replace(p, sessions=dataclasses.replace(p.sessions, max=n))
+
+
+class Holders:
+    """Callers holding every session the connection has in slow calls: the next caller needs a new link."""
+
+    def __init__(self, clock: VirtualClock, conn, hsm, seconds: float = 0.3) -> None:
+        conn.sign("rsa", b"warm", MECH)
+        clock.sleep(0.01)  # past the first probe (it may have opened a link of its own)
+        hsm.slow(seconds)
+        self.callers = [Caller(clock, lambda i=i: conn.sign("rsa", b"held %d" % i, MECH)) for i in range(conn.links)]
+        clock.sleep(0.01)
+        hsm.slow(0)
+        assert conn.inflight == conn.links
+
+    def join(self) -> bool:
+        return all(c.join(1.0) and c.error is None for c in self.callers)
+
+
+@pytest.mark.parametrize("function,code", [("find_token", "HSMFSM_NO_SUCH_TOKEN"), ("initialize", "CKR_DEVICE_ERROR"),
+                                           ("open_session", "CKR_GENERAL_ERROR"), ("login", "CKR_GENERAL_ERROR")])
+def test_a_new_link_that_fails_its_set_up_costs_the_member_nothing(clock, function, code) -> None:
+    hsm = replicas(clock, "hsm-a")["hsm-a"]
+    rec = Recorder(clock)
+    conn = connection(clock, hsm, pol=with_sessions(3), recorder=rec)
+    conn.open()
+    assert conn.links == 1
+    holder = Holders(clock, conn, hsm)
+    start = rec.mark()
+    hsm.fail(function, code, times=1)
+    assert conn.sign("rsa", b"needs a new link", MECH)  # the failed link dropped, another set up
+    assert holder.join()
+    assert rec.rows(start) == [] and conn.state is State.LOGGED_IN and conn.generation == 1
+    assert conn.link_failures == 1 and conn.login_attempts == 1
+    assert hsm.count(function, code) == 1
+    assert conn.last_code is None or conn.last_code.name != code  # a healthy member's last code stays its own
+    conn.close()
+
+
+def test_a_refused_pin_on_a_new_link_fails_the_member_and_is_never_tried_again(clock) -> None:
+    hsm = replicas(clock, "hsm-a")["hsm-a"]
+    conn = connection(clock, hsm, pol=with_sessions(3))
+    conn.open()
+    holder = Holders(clock, conn, hsm)
+    hsm.fail("login", "CKR_PIN_INCORRECT", times=1)
+    with pytest.raises(LoginRejected):
+        conn.sign("rsa", b"x", MECH)
+    assert conn.state is State.FAILED and conn.link_failures == 0
+    logins = hsm.count("login")
+    assert holder.join()
+    with pytest.raises(LoginRejected):
+        conn.sign("rsa", b"again", MECH)
+    assert hsm.count("login") == logins
+    conn.close()
+
+
+def test_new_links_that_keep_failing_while_its_sessions_are_held_fail_the_call_in_time_not_the_member(clock) -> None:
+    """Every new link finds no token while the member's sessions are all held by slow calls: a caller
+    that needs one is told within its deadline, with nothing sent, and the member stays (its held
+    calls answer: they are the member's news)."""
+    hsm = replicas(clock, "hsm-a")["hsm-a"]
+    rec = Recorder(clock)
+    conn = connection(clock, hsm, pol=with_sessions(3), recorder=rec)
+    conn.open()
+    holder = Holders(clock, conn, hsm)
+    start = rec.mark()
+    hsm.fail("find_token", "HSMFSM_NO_SUCH_TOKEN", times=None)
+    t0 = clock.monotonic()
+    with pytest.raises((OperationFailed, MemberUnavailable)) as info:
+        conn.sign("rsa", b"x", MECH, deadline=0.1)
+    assert clock.monotonic() - t0 <= 0.1 + 0.01
+    assert "a new link's set-up failed" in str(info.value) and not info.value.may_have_acted
+    assert rec.rows(start) == [] and conn.link_failures >= 1 and conn.state is State.LOGGED_IN
+    assert holder.join()
+    hsm.clear_faults()
+    assert conn.sign("rsa", b"after", MECH) and conn.generation == 1
+    conn.close()
+
+
+def test_in_a_pool_a_links_failure_goes_to_the_next_member_and_neither_leaves(clock) -> None:
+    hsms = replicas(clock, "hsm-a", "hsm-b")
+    a, b = hsms["hsm-a"], hsms["hsm-b"]
+    rec = Recorder(clock)
+    with pool(clock, hsms, with_sessions(3), balance="primary", recorder=rec) as p:
+        clock.sleep(0.01)
+        # Below the ceiling; primary: every call goes to hsm-a while it serves.
+        holder = Holders(clock, p.member("hsm-a"), a, 0.15)
+        start, before_b = rec.mark(), signs(b)
+        a.fail("find_token", "HSMFSM_NO_SUCH_TOKEN", times=1)
+        assert p.sign("rsa", b"next", MECH)
+        assert a.count("find_token", "HSMFSM_NO_SUCH_TOKEN") == 1
+        assert signs(b) == before_b + 1  # went to hsm-b at once, nothing sent to hsm-a
+        assert holder.join()
+        assert rec.rows(start) == [] and p.member("hsm-a").generation == 1 and p.member("hsm-a").link_failures == 1
