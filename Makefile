@@ -22,7 +22,7 @@ test-clients: $(STAMP)
 
 # ruff and mypy --strict over the package: CI runs this before the tests.
 lint: $(STAMP)
-	$(VENV)/bin/ruff check hsmfsm
+	$(VENV)/bin/ruff check hsmfsm tests scripts
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)

@@ -14,10 +14,10 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import settings
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, utils
 from hsmfsm.testing.lab import NetworkHSM, SoftHSMToken, find_module
+from hypothesis import settings
 
 PIN_ENV = "HSMFSM_TEST_PIN"
 

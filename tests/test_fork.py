@@ -12,8 +12,8 @@ import json
 import os
 import select
 import shutil
-import subprocess
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -317,7 +317,7 @@ def test_fork_while_other_threads_hold_locks_and_are_inside_calls(client_module,
         for t in threads:
             t.start()
         generation, records = conn.generation, len(rec.records)
-        for attempt in range(3):
+        for _attempt in range(3):
             holding.clear()
             release.clear()
             holder = threading.Thread(target=hold_locks, daemon=True)

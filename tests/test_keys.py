@@ -671,5 +671,5 @@ def test_the_keys_package_imports_only_the_core_and_cryptography() -> None:
                 if name.startswith(".."):
                     assert name == "..core" or name.startswith("..core."), f"{path.name}: {name}"
                 elif not name.startswith("."):
-                    assert top in {"__future__", "collections", "hashlib", "dataclasses", "typing", "logging", "re", "urllib",
-                                   "cryptography"}, f"{path.name}: {name}"
+                    assert top in {"__future__", "collections", "hashlib", "dataclasses", "typing", "logging", "re",
+                                   "urllib", "cryptography"}, f"{path.name}: {name}"

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
-from hsmfsm.keys import SignatureMismatch
 from hsmfsm.core.errors import MechanismNotSupported
+from hsmfsm.keys import SignatureMismatch
 from hsmfsm.testing.lab import NetworkHSM, Relay
 
 from test_pool import count_calls, make_pool, two

@@ -16,10 +16,9 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa, utils
 from hsmfsm import AllMembersDown, MemberUnavailable, OperationFailed
-from hsmfsm.core.errors import KeyNotFound, ModuleCallError
+from hsmfsm.core.errors import KeyNotFound, MechanismNotSupported, ModuleCallError
 from hsmfsm.core.mechanisms import OAEPParams, PSSParams
 from hsmfsm.keys import SignatureMismatch
-from hsmfsm.core.errors import MechanismNotSupported
 from hsmfsm.runtime.pool import Pool, format_status
 from hsmfsm.testing import ScriptedHSM, ScriptedModule, VirtualClock
 

@@ -186,7 +186,7 @@ def test_reset_revives_a_schedule_that_gave_up() -> None:
 DEGRADED = DegradedPolicy(slow_call=1.0, enter_after=3, leave_after=4)
 PROBE = ProbePolicy(unhealthy_after=5, healthy_after=2)
 
-N, I, H, U = Verdict.NONE, Verdict.IMPAIRED, Verdict.HEALTHY, Verdict.UNHEALTHY
+N, IMP, H, U = Verdict.NONE, Verdict.IMPAIRED, Verdict.HEALTHY, Verdict.UNHEALTHY
 
 
 def tracker(degraded: DegradedPolicy = DEGRADED, probe: ProbePolicy = PROBE) -> HealthTracker:
@@ -195,20 +195,20 @@ def tracker(degraded: DegradedPolicy = DEGRADED, probe: ProbePolicy = PROBE) -> 
 
 def impaired_tracker() -> HealthTracker:
     t = tracker()
-    assert [t.call_impaired() for _ in range(3)] == [N, N, I]
+    assert [t.call_impaired() for _ in range(3)] == [N, N, IMP]
     return t
 
 
 def test_enter_after_impaired_calls_reports_once() -> None:
     t = tracker()
-    assert [t.call_impaired() for _ in range(6)] == [N, N, I, N, N, N]
+    assert [t.call_impaired() for _ in range(6)] == [N, N, IMP, N, N, N]
     assert t.impaired
 
 
 @pytest.mark.parametrize("duration", [1.0001, 30.0])
 def test_slow_call_counts_as_impaired(duration: float) -> None:
     t = tracker()
-    assert [t.call_ok(duration) for _ in range(3)] == [N, N, I]
+    assert [t.call_ok(duration) for _ in range(3)] == [N, N, IMP]
 
 
 def test_call_at_exactly_slow_call_is_healthy() -> None:
@@ -219,7 +219,7 @@ def test_call_at_exactly_slow_call_is_healthy() -> None:
 
 def test_mixed_impaired_calls_and_failed_probes_form_one_streak() -> None:
     t = tracker()
-    assert [t.call_impaired(), t.probe_failed(), t.call_ok(5.0)] == [N, N, I]
+    assert [t.call_impaired(), t.probe_failed(), t.call_ok(5.0)] == [N, N, IMP]
 
 
 @pytest.mark.parametrize("success", ["call", "probe"])
@@ -228,7 +228,7 @@ def test_any_success_breaks_the_impaired_streak(success: str) -> None:
     ok = (lambda: t.call_ok(0.01)) if success == "call" else t.probe_ok
     verdicts = [t.call_impaired(), t.call_impaired(), ok(), t.call_impaired(), t.call_impaired()]
     assert verdicts == [N] * 5
-    assert t.call_impaired() == I
+    assert t.call_impaired() == IMP
 
 
 def test_leave_after_healthy_calls_reports_healthy_once() -> None:
@@ -264,7 +264,7 @@ def test_healthy_needs_a_reported_impaired_first() -> None:
 
 def test_unhealthy_after_consecutive_probe_failures() -> None:
     t = tracker()
-    assert [t.probe_failed() for _ in range(6)] == [N, N, I, N, U, U]
+    assert [t.probe_failed() for _ in range(6)] == [N, N, IMP, N, U, U]
 
 
 @pytest.mark.parametrize("success", ["call", "probe"])
@@ -277,7 +277,7 @@ def test_success_breaks_the_probe_failure_streak(success: str) -> None:
 
 def test_impaired_calls_do_not_count_towards_unhealthy() -> None:
     t = tracker(probe=ProbePolicy(unhealthy_after=2, healthy_after=2))
-    assert [t.call_impaired() for _ in range(10)] == [N, N, I] + [N] * 7
+    assert [t.call_impaired() for _ in range(10)] == [N, N, IMP] + [N] * 7
     assert t.probe_failed() == N
     assert t.probe_failed() == U
 
@@ -322,9 +322,9 @@ def test_thresholds_are_exact(enter: int, leave: int, healthy: int, unhealthy: i
     degraded = DegradedPolicy(slow_call=1.0, enter_after=enter, leave_after=leave)
     probe = ProbePolicy(unhealthy_after=unhealthy, healthy_after=healthy)
     t = HealthTracker(degraded, probe)
-    assert [t.call_impaired() for _ in range(enter)] == [N] * (enter - 1) + [I]
+    assert [t.call_impaired() for _ in range(enter)] == [N] * (enter - 1) + [IMP]
     assert [t.call_ok(0.0) for _ in range(leave)] == [N] * (leave - 1) + [H]
-    assert [t.call_impaired() for _ in range(enter)][-1] == I
+    assert [t.call_impaired() for _ in range(enter)][-1] == IMP
     assert [t.probe_ok() for _ in range(healthy)] == [N] * (healthy - 1) + [H]
     t.reset()
     failures = [t.probe_failed() for _ in range(unhealthy)]

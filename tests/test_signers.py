@@ -82,7 +82,7 @@ mail IN MX 10 www
 
 @pytest.mark.skipif(shutil.which("ldns-verify-zone") is None, reason="needs ldns-verify-zone (ldnsutils)")
 def test_dnspython_signs_a_zone_through_a_member_restart_and_ldns_verifies_it(pool, hsms, tmp_path) -> None:
-    dns = pytest.importorskip("dns.zone")
+    pytest.importorskip("dns.zone")
     import dns.dnssec
     import dns.rdatatype
     from dns.dnssectypes import Algorithm

@@ -8,8 +8,8 @@ production connection and pool on scripted HSMs and a virtual clock; one test
 
 from __future__ import annotations
 
-import glob
 import dataclasses
+import glob
 import hashlib
 import io
 import json

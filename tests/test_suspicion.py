@@ -7,6 +7,8 @@ call timeout of 1 s."""
 from __future__ import annotations
 
 import dataclasses
+import os
+import socket
 import threading
 import time
 
@@ -60,6 +62,31 @@ class Load:
     @property
     def failed(self) -> list[str]:
         return [o for _, _, o in self.calls if o != "ok"]
+
+
+def sockets_to(path) -> tuple[int, int]:
+    """This process's sockets connected to the unix socket at ``path`` (told apart by inode): how many
+    in all, and how many of them live (not shut down: a read would wait, or finds a reply)."""
+    found: dict[str, bool] = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            name = os.readlink(f"/proc/self/fd/{entry}")
+            if not name.startswith("socket:"):
+                continue
+            sock = socket.socket(fileno=os.dup(int(entry)))
+        except (OSError, ValueError):
+            continue
+        try:
+            if sock.family == socket.AF_UNIX and sock.getpeername() == str(path):
+                try:
+                    found[name] = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
+                except BlockingIOError:
+                    found[name] = True
+        except OSError:
+            pass
+        finally:
+            sock.close()
+    return len(found), sum(found.values())
 
 
 def listen(pool) -> tuple[list[SuspicionRecord], list[tuple[float, CallRecord]]]:
@@ -142,6 +169,11 @@ def test_false_suspicions_cut_links_and_never_reconnect_a_member(client_module, 
         # Every other attempt that failed was a new link's set-up, counted as that link's failure.
         others = [r for _, r in attempts if r.code_name not in (None, "HSMFSM_SUSPECTED")]
         assert len(others) == sum(pool.member(n).link_failures for n in ("hsm-a", "hsm-b"))
+        # Hundreds of links cut, some in their version handshake: no socket leaked (at most one dead
+        # socket per link, kept by p11-kit-client until that link's next connect).
+        for name, hsm in (("hsm-a", a), ("hsm-b", b)):
+            total, alive = sockets_to(hsm.socket_path)
+            assert alive <= pool.member(name).links and total <= 2 * policy.sessions.max, (name, total, alive)
 
 
 def test_a_new_link_that_fails_its_set_up_is_that_links_failure_alone(client_module, network_hsm, pin_env,
@@ -172,7 +204,8 @@ def test_a_new_link_that_fails_its_set_up_is_that_links_failure_alone(client_mod
             assert load.failed == [] and len(load.calls) > 20
             assert relay.calls_failed("C_OpenSession") == 1 and relay.calls_failed("C_Login") == 1
             assert transitions == [] and conn.generation == 1 and conn.state == "logged_in"
-            assert conn.link_failures == 2 and conn.login_attempts == 1
+            # The relay's two, and any of SoftHSM's own torn reads of its token file (docs/FACTS.md).
+            assert conn.link_failures >= 2 and conn.login_attempts == 1
     finally:
         relay.stop()
 
@@ -252,14 +285,16 @@ def test_sessions_never_exceed_sessions_max_under_32_threads(client_module, hsms
     with make_pool(client_module, pin_env, policy, two(hsms)) as pool:
         members = [pool.member("hsm-a"), pool.member("hsm-b")]
         most = {"hsm-a": 0, "hsm-b": 0}
-        servers = {"hsm-a": 0, "hsm-b": 0}
+        live = {"hsm-a": 0, "hsm-b": 0}
+        held = {"hsm-a": 0, "hsm-b": 0}
         sampling = [True]
 
         def sample() -> None:
             while sampling[0]:
                 for m, hsm in zip(members, hsms):
                     most[m.name] = max(most[m.name], m.sessions, m.links)
-                    servers[m.name] = max(servers[m.name], len(children(hsm.pid)))
+                    total, alive = sockets_to(hsm.socket_path)
+                    live[m.name], held[m.name] = max(live[m.name], alive), max(held[m.name], total)
                 time.sleep(0.002)
 
         sampler = threading.Thread(target=sample, daemon=True)
@@ -271,5 +306,11 @@ def test_sessions_never_exceed_sessions_max_under_32_threads(client_module, hsms
         sampler.join(5)
         assert load.failed == [] and len(load.calls) > 100
         assert most == {"hsm-a": 4, "hsm-b": 4}  # used to the full, never past it
-        # On the wire: one p11-kit-remote child per client link, so never more than sessions.max per server.
-        assert 1 <= servers["hsm-a"] <= 4 and 1 <= servers["hsm-b"] <= 4
+        # On the wire: this process's live sockets to each server, one per link, never more than
+        # sessions.max. (Not the server's p11-kit-remote children: the child of a link cut on suspicion
+        # exits when it reads the hang-up, which on this busy machine can be after its replacement
+        # connected.) A link cut during its version handshake leaves p11-kit-client a dead socket it
+        # keeps until its next connect (docs/FACTS.md): at most one per link.
+        assert 1 <= live["hsm-a"] <= 4 and 1 <= live["hsm-b"] <= 4
+        assert held["hsm-a"] <= 8 and held["hsm-b"] <= 8
+        assert all(1 <= len(children(hsm.pid)) for hsm in hsms)

@@ -173,6 +173,41 @@ _SERVER_LOCKS: dict[str, threading.Lock] = {}
 _SERVER_LOCKS_GUARD = threading.Lock()
 
 
+class _SockaddrUn(ctypes.Structure):
+    _fields_ = [("sun_family", ctypes.c_ushort), ("sun_path", ctypes.c_ubyte * 108)]
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _peer_path(fd: int) -> str | None:
+    """The unix path the socket ``fd`` is connected to, or None. Read with getpeername(2) on ``fd``
+    itself: no dup (a second fd for the socket, held even for a moment, is one another thread's
+    scan would take for a socket new to its server, docs/FACTS.md), and no Python socket object
+    (made on a module's fd, it would set O_NONBLOCK under ``socket.setdefaulttimeout``)."""
+    addr = _SockaddrUn()
+    size = ctypes.c_uint32(ctypes.sizeof(addr))
+    if _LIBC.getpeername(fd, ctypes.byref(addr), ctypes.byref(size)) != 0 or addr.sun_family != socket.AF_UNIX:
+        return None
+    raw = bytes(addr.sun_path)[:max(0, size.value - ctypes.sizeof(ctypes.c_ushort))].split(b"\0", 1)[0]
+    return os.fsdecode(raw) if raw else None
+
+
+def _shut_down(fd: int) -> bool:
+    """shutdown(2) of the socket ``fd`` both ways, on ``fd`` itself (see :func:`_peer_path`)."""
+    return bool(_LIBC.shutdown(fd, socket.SHUT_RDWR) == 0)
+
+
+def _close_if_still(socket_: tuple[int, str]) -> None:
+    """Close fd ``socket_[0]`` if it still is the socket named ``socket_[1]`` (its /proc link text)."""
+    fd, name = socket_
+    try:
+        if os.readlink(f"/proc/self/fd/{fd}") == name:
+            os.close(fd)
+    except OSError:
+        pass
+
+
 def server_lock(path: str) -> threading.Lock:
     """The lock under which this process makes every C_Initialize to the server at ``path`` (and loads
     every client of it), so that the one socket new to that server afterwards is known to be the
@@ -334,6 +369,11 @@ class ModuleInstance:
         #: This instance's own socket to its server, as (fd, its /proc link text "socket:[inode]"),
         #: found at each C_Initialize: what :meth:`cut_link` shuts, and nothing else.
         self._link: tuple[int, str] | None = None
+        #: The socket of this instance's last C_Initialize whose version handshake failed (a cut): p11-kit
+        #: 0.24.1 leaves it open and keeps it as its transport's socket until its next connect
+        #: (``rpc_C_Initialize`` disconnects only once the handshake succeeded). Closed here once a
+        #: later connect has replaced it, so each instance holds at most one such socket.
+        self._orphan: tuple[int, str] | None = None
         #: While a C_Initialize of this instance runs: the server's sockets before it began (the one it
         #: opens is the one not among them).
         self._init_before: dict[int, str] | None = None
@@ -385,7 +425,14 @@ class ModuleInstance:
         finally:
             self._init_before = None
         if self._server_path is not None:
-            self._link = self._new_socket(before)
+            new = self._new_socket(before)
+            if new is None:  # no connect (no server, already initialised), or connected and closed again
+                self._link = None
+            else:  # a connect replaced the transport's socket: the one it held before is no one's now
+                replaced, self._orphan = self._orphan, (new if code.value != CKR_OK else None)
+                self._link = new if code.value == CKR_OK else None
+                if replaced is not None:
+                    _close_if_still(replaced)
         return code
 
     def _new_socket(self, before: dict[int, str]) -> tuple[int, str] | None:
@@ -661,28 +708,7 @@ class ModuleInstance:
         """
         if self._server_path is None or self.inherited:
             return 0
-        cut = 0
-        for entry in os.listdir("/proc/self/fd"):
-            try:
-                if not os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
-                    continue
-                fd = os.dup(int(entry))
-            except (OSError, ValueError):
-                continue
-            try:
-                sock = socket.socket(fileno=fd)
-            except OSError:
-                os.close(fd)
-                continue
-            try:
-                if sock.family == socket.AF_UNIX and sock.getpeername() == self._server_path:
-                    sock.shutdown(socket.SHUT_RDWR)
-                    cut += 1
-            except OSError:
-                pass
-            finally:
-                sock.close()
-        return cut
+        return sum(_shut_down(fd) for fd in self._sockets())
 
     def cut_link(self) -> bool:
         """Shut down this instance's own socket to its server, and no other: a call stuck on it returns
@@ -710,16 +736,9 @@ class ModuleInstance:
             try:
                 if os.readlink(f"/proc/self/fd/{fd}") != name:
                     continue
-                sock = socket.socket(fileno=os.dup(fd))
             except OSError:
                 continue
-            try:
-                sock.shutdown(socket.SHUT_RDWR)
-                cut = True
-            except OSError:
-                pass
-            finally:
-                sock.close()
+            cut = _shut_down(fd) or cut
         return cut
 
     def _sockets(self) -> dict[int, str]:
@@ -729,19 +748,12 @@ class ModuleInstance:
             return found
         for entry in os.listdir("/proc/self/fd"):
             try:
+                fd = int(entry)
                 name = os.readlink(f"/proc/self/fd/{entry}")
-                if not name.startswith("socket:"):
-                    continue
-                sock = socket.socket(fileno=os.dup(int(entry)))
             except (OSError, ValueError):
                 continue
-            try:
-                if sock.family == socket.AF_UNIX and sock.getpeername() == self._server_path:
-                    found[int(entry)] = name
-            except OSError:
-                pass
-            finally:
-                sock.close()
+            if name.startswith("socket:") and _peer_path(fd) == self._server_path:
+                found[fd] = name
         return found
 
     def for_child(self) -> ModuleInstance:
