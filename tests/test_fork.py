@@ -278,10 +278,9 @@ def test_pool_in_a_forked_child(client_module, hsms, pin_env, fast_policy):
 def test_fork_while_other_threads_hold_locks_and_are_inside_calls(client_module, network_hsm, pin_env,
                                                                   fast_policy, tmp_path):
     """The fork lands while other threads of the parent are inside PKCS#11 calls on this connection
-    (its call lock and p11-kit-client's own state taken), and while locks of the connection,
-    the module loader and the watchdog are held: none of them exists any more in the child,
-    and the child must not wait for them."""
-    from hsmfsm.p11 import module
+    (its call lock and p11-kit-client's own state taken), and while locks of the connection and the
+    watchdog are held: none of them exists any more in the child, and the child must not wait for
+    them. (The module loader's lock is the fork's to wait for: the next test.)"""
     from hsmfsm.runtime.watchdog import WATCHDOG
 
     network_hsm.start()
@@ -306,7 +305,7 @@ def test_fork_while_other_threads_hold_locks_and_are_inside_calls(client_module,
     holding, release = threading.Event(), threading.Event()
 
     def hold_locks() -> None:
-        with conn._lock, module._ENV_LOCK, WATCHDOG._lock, conn._listeners._lock:
+        with conn._lock, WATCHDOG._lock, conn._listeners._lock:
             holding.set()
             release.wait(30)
 
@@ -345,6 +344,51 @@ def test_fork_while_other_threads_hold_locks_and_are_inside_calls(client_module,
         release.set()
         conn.close()
         relay.stop()
+
+
+def test_a_fork_waits_for_a_module_load_under_way_and_the_child_loads_its_own(client_module, network_hsm,
+                                                                            pin_env, fast_policy) -> None:
+    """A fork made while another thread loads a module (holding the loader's lock, as
+    p11-kit-client's C_GetFunctionList holds p11-kit's own process-wide lock, which its fork handler
+    never resets: docs/FACTS.md) waits until the load is done, so the child's own first load of a
+    fresh client instance finds that lock free; and the child signs."""
+    from hsmfsm.p11 import module
+
+    network_hsm.start()
+    conn, _ = open_conn(client_module, network_hsm.address, network_hsm.token, pin_env, fast_policy())
+    holding = threading.Event()
+    released: list[float] = []
+
+    def load_under_way() -> None:
+        with module._ENV_LOCK:
+            holding.set()
+            time.sleep(0.3)
+            released.append(time.monotonic())
+
+    loader = threading.Thread(target=load_under_way, daemon=True)
+    try:
+        sign_ec(conn, b"warm")
+        loader.start()
+        assert holding.wait(10)
+        child = Child(child_signs(conn, network_hsm.token, 3))  # os.fork() inside
+        forked = time.monotonic()
+        loader.join(10)
+        assert released and forked >= released[0]  # the fork was made once the load was done
+        assert child.result(timeout=30)["signed"] == 3
+        free: list[bool] = []
+
+        def try_lock() -> None:  # from another thread: the lock is re-entrant
+            free.append(module._ENV_LOCK.acquire(blocking=False))
+            if free[0]:
+                module._ENV_LOCK.release()
+
+        other = threading.Thread(target=try_lock)
+        other.start()
+        other.join(5)
+        assert free == [True]  # the parent's loader lock is free again after the fork
+        verify(network_hsm.token, "ec", b"after", sign_ec(conn, b"after"))
+    finally:
+        conn.close()
 
 
 def _in_a_call(conn) -> bool:

@@ -166,7 +166,10 @@ def _function_list_address(lib: object) -> int:
     return address
 
 
-_ENV_LOCK = threading.Lock()
+#: Held while a module is loaded (its environment applied; p11-kit-client's C_GetFunctionList takes
+#: p11-kit's process-wide lock then), and by a fork (:func:`_before_fork`). Re-entrant, so that a
+#: fork made while this thread loads a module (a host process started from a load) cannot deadlock.
+_ENV_LOCK = threading.RLock()
 _LINK_DIR: str | None = None
 #: One lock per module server (its socket path): every C_Initialize to one server is made under it.
 _SERVER_LOCKS: dict[str, threading.Lock] = {}
@@ -284,6 +287,23 @@ def _cut_all_at_exit() -> None:
 atexit.register(_cut_all_at_exit)
 
 
+def _before_fork() -> None:
+    """A fork waits for any module load in progress in this process, and none starts until it is made.
+
+    p11-kit's fork handler only counts forks (docs/FACTS.md): a lock p11-kit-client's
+    C_GetFunctionList holds (``p11_library_mutex``) stays held for good in a child forked while
+    another thread was inside it, and the child's first load of a client waits for ever. Every load
+    runs under ``_ENV_LOCK``, so holding it across the fork means no thread of this process is in
+    a load when it forks (nor has ``os.environ`` half-changed). A load on a hung HSM holds it until
+    that link is cut (the suspicion ceiling in a pool, else the call timeout): a fork waits as long.
+    """
+    _ENV_LOCK.acquire()
+
+
+def _after_fork_in_parent() -> None:
+    _ENV_LOCK.release()
+
+
 def _after_fork_in_child() -> None:
     """Runs in a forked child before anything else (``os.register_at_fork``); only this thread exists.
 
@@ -298,7 +318,7 @@ def _after_fork_in_child() -> None:
     called again, never deallocated (``_keep_alive``).
     """
     global _ENV_LOCK, _LINK_DIR, _SERVER_LOCKS_GUARD
-    _ENV_LOCK = threading.Lock()  # another thread may have held it at the fork
+    _ENV_LOCK = threading.RLock()  # the fork held it (_before_fork): the child's own, free
     _SERVER_LOCKS_GUARD = threading.Lock()
     _SERVER_LOCKS.clear()
     _LINK_DIR = None  # the parent's; the child makes its own
@@ -325,23 +345,17 @@ def _detach_inherited_sockets(paths: set[str]) -> int:
                 fd = int(entry)
                 if fd == null or not os.readlink(f"/proc/self/fd/{entry}").startswith("socket:"):
                     continue
-                probe = socket.socket(fileno=os.dup(fd))
             except (OSError, ValueError):
                 continue
-            try:
-                if probe.family == socket.AF_UNIX and probe.getpeername() in paths:
-                    os.dup2(null, fd, inheritable=False)
-                    detached += 1
-            except OSError:
-                pass
-            finally:
-                probe.close()  # a close, never a shutdown: the parent's connection is untouched
+            if _peer_path(fd) in paths:
+                os.dup2(null, fd, inheritable=False)  # a close of the child's copy, never a shutdown
+                detached += 1
     finally:
         os.close(null)
     return detached
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_parent=_after_fork_in_parent, after_in_child=_after_fork_in_child)
 
 
 class ModuleInstance:
