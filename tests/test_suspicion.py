@@ -6,6 +6,7 @@ call timeout of 1 s."""
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import socket
@@ -15,6 +16,7 @@ import time
 import pytest
 from hsmfsm.core.errors import KeyNotFound, OutcomeUnknown
 from hsmfsm.core.records import CallRecord, SuspicionRecord
+from hsmfsm.p11.module import _peer_path
 from hsmfsm.tools.soak.probes import children
 
 from conftest import sign_ec, verify, wait_for
@@ -23,6 +25,7 @@ from test_pool import make_pool, two
 pytestmark = pytest.mark.timeout(120)
 
 TICK = 0.02  # the watchdog's period
+LIBC = ctypes.CDLL(None, use_errno=True)
 #: What a loaded 2-core machine adds to a timer and a thread switch, at worst (measured: tens of ms).
 SLACK = 0.08
 
@@ -66,26 +69,19 @@ class Load:
 
 def sockets_to(path) -> tuple[int, int]:
     """This process's sockets connected to the unix socket at ``path`` (told apart by inode): how many
-    in all, and how many of them live (not shut down: a read would wait, or finds a reply)."""
+    in all, and how many of them live (not shut down: a read would wait, or finds a reply). Read on
+    each fd itself, never a dup: a dup is a second fd for a link's socket while hsmfsm looks for it."""
     found: dict[str, bool] = {}
+    byte = ctypes.create_string_buffer(1)
     for entry in os.listdir("/proc/self/fd"):
         try:
+            fd = int(entry)
             name = os.readlink(f"/proc/self/fd/{entry}")
-            if not name.startswith("socket:"):
-                continue
-            sock = socket.socket(fileno=os.dup(int(entry)))
         except (OSError, ValueError):
             continue
-        try:
-            if sock.family == socket.AF_UNIX and sock.getpeername() == str(path):
-                try:
-                    found[name] = sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b""
-                except BlockingIOError:
-                    found[name] = True
-        except OSError:
-            pass
-        finally:
-            sock.close()
+        if name.startswith("socket:") and _peer_path(fd) == str(path):
+            n = LIBC.recv(fd, byte, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            found[name] = n != 0  # 0: end of stream (shut down); -1 (EAGAIN): live and quiet
     return len(found), sum(found.values())
 
 

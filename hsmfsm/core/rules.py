@@ -203,8 +203,8 @@ def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, 
     (:func:`decide_suspicion`): whatever the module answered (the cut's own error), it
     is no news about the member, which keeps its state; the pool re-issues the call.
     ``link_only``: nothing was sent; the call's new link (a session of its own over
-    p11-kit-client: C_Initialize, the token, the session) could not be set up while the
-    member's other links serve (:func:`link_failure`).
+    p11-kit-client: C_Initialize, the token, the session) could not be set up, and that is the
+    link's failure alone (:func:`is_link_failure`, :func:`link_failure`).
     """
     name, klass = _class(policy, code)
     idempotent = policy.is_idempotent(operation)
@@ -219,8 +219,7 @@ def decide_call(policy: Policy, code: Code, *, operation: str, timed_out: bool, 
                         may_have_acted=sent, reason="was cut off: its member is suspected (slower than its own "
                                                     "recent calls while another member serves)")
     if link_only and not timed_out and not sent:
-        return link_failure(policy, Phase.CALL, code, in_pool=in_pool, reissues=reissues,
-                            deadline_passed=deadline_passed)
+        return link_failure(policy, Phase.CALL, code, in_pool=in_pool, deadline_passed=deadline_passed)
     if timed_out:
         # The watchdog cut this call off and records call_timeout; whichever thread gets
         # there first, the record says the same thing.
@@ -271,29 +270,32 @@ def decide_connect(policy: Policy, code: Code) -> Decision:
                     error=MemberUnavailable, may_have_acted=False)
 
 
-#: New links of one member whose set-up may fail in a row, with no answer from the member between
-#: them, and each still count as that link's alone (:func:`is_link_failure`).
+#: The failed set-up of a member's new link that is the member's, counting those in a row with no
+#: answer from the member between them: the earlier ones are the links' alone (:func:`is_link_failure`).
 LINK_FAILURES_IN_A_ROW = 3
 
 
-def is_link_failure(*, others_serve: bool, failures_in_a_row: int) -> bool:
+def is_link_failure(*, failures_before: int) -> bool:
     """Whether a new link's failed set-up is that link's alone (:func:`link_failure`), not the
-    member's: while another link of the member serves (its calls say how the member is), or
-    until :data:`LINK_FAILURES_IN_A_ROW` such failures came in a row with no answer between
-    them (every link cut on suspicion, and no new one gets through: the member's, as ever)."""
-    return others_serve or failures_in_a_row < LINK_FAILURES_IN_A_ROW
+    member's, given ``failures_before`` such failures in a row with no answer from the member
+    between them (a call, a probe, a link set up): the :data:`LINK_FAILURES_IN_A_ROW`-th is the
+    member's. A healthy member's other
+    links answer all the time, so a stray failure (1 in 100 on SoftHSM) never reaches three in
+    a row; a member that is gone (its server refuses connects: each new link finds no token, in
+    a millisecond) does at once, and its third failure is the member's, as any loss: a pool takes
+    it out, a lone connection waits for its recovery within the caller's deadline."""
+    return failures_before + 1 < LINK_FAILURES_IN_A_ROW
 
 
-def link_failure(policy: Policy, phase: Phase, code: Code, *, in_pool: bool, reissues: int = 0,
+def link_failure(policy: Policy, phase: Phase, code: Code, *, in_pool: bool,
                  deadline_passed: bool = False) -> Decision:
     """A new link of a member (one more session over a module whose sessions each need a socket
-    of their own) failed its set-up with ``code`` while the member's other links serve.
+    of their own) failed its set-up with ``code``, and it is that link's failure alone
+    (:func:`is_link_failure`: not yet :data:`LINK_FAILURES_IN_A_ROW` in a row).
 
-    That is the link's failure, not the member's: no event, and the call goes again (the pool's
-    next member; on a lone connection, another session here) with nothing sent. A member that
-    really is gone is found by its other links' calls in flight (a new link is only set up when
-    every session is leased), or, when none serves, after :data:`LINK_FAILURES_IN_A_ROW`
-    (:func:`is_link_failure`). Measured on SoftHSM behind
+    Then there is no event, and the call goes again (the pool's next member; on a lone
+    connection, another session here, within its deadline) with nothing sent: not a re-issue
+    (``max_reissues`` counts calls sent again), and bounded by :func:`is_link_failure`. Measured on SoftHSM behind
     `p11-kit server` (docs/FACTS.md): each link is a server process of its own, each C_Login
     rewrites the token's file, and about 1 in 100 new links set up while others log in read it
     torn (HSMFSM_NO_SUCH_TOKEN, CKR_GENERAL_ERROR) on a member that is healthy throughout.
@@ -302,11 +304,9 @@ def link_failure(policy: Policy, phase: Phase, code: Code, *, in_pool: bool, rei
     """
     name, _ = _class(policy, code)
     base = Decision(phase, code, name, Reaction.NONE, None, may_have_acted=False, link_only=True)
-    reason = f"found no free session: a new link's set-up failed with {code} while the member's other links serve"
+    reason = f"found no free session: a new link's set-up failed with {code}, the member answering otherwise"
     if in_pool:
         return _with(base, MemberUnavailable, True, False, reason)
-    if reissues >= policy.operations.max_reissues:
-        return _with(base, OperationFailed, False, False, f"{reason} ({reissues} re-issues)")
     if deadline_passed:
         return _with(base, MemberUnavailable, False, False,
                      f"{reason}; the deadline of {policy.operations.deadline:g}s passed")
@@ -316,9 +316,9 @@ def link_failure(policy: Policy, phase: Phase, code: Code, *, in_pool: bool, rei
 def decide_login(policy: Policy, code: Code, *, timed_out: bool, link_only: bool = False) -> Decision:
     """The attempt's one C_Login answered ``code`` (``timed_out``: the watchdog cut it off).
 
-    ``link_only``: the login of one more link (:func:`link_failure`) while the member's other
-    links serve: a code the policy treats as fatal (the PIN refused) is the member's as ever;
-    any other is that link's alone."""
+    ``link_only``: the login of one more link, whose failure would be that link's alone
+    (:func:`is_link_failure`): a code the policy treats as fatal (the PIN refused) is the
+    member's as ever; any other is that link's alone (:func:`link_failure`)."""
     name, _ = _class(policy, code)
     if not timed_out and code.value in LOGIN_OK_VALUES:
         return Decision(Phase.LOGIN, code, name, Reaction.NONE, Event.LOGIN_OK, may_have_acted=False)

@@ -37,6 +37,7 @@ import socket
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -451,14 +452,16 @@ class ModuleInstance:
 
     def _new_socket(self, before: dict[int, str]) -> tuple[int, str] | None:
         """The one socket to the server that is not among ``before`` (by socket, not fd number), or
-        None. A second fd for it is another thread's passing dup (:meth:`_sockets`): look again."""
+        None. Two fds for it means some thread of the process holds a passing dup of it (a scan of
+        /proc/self/fd by an application or a test, say): look again, for up to 10 ms."""
         known = set(before.values())
-        for _ in range(3):
+        for _ in range(20):
             new = [(fd, name) for fd, name in self._sockets().items() if name not in known]
             if len(new) == 1:
                 return new[0]
-            if not new:
-                return None
+            if len({name for _, name in new}) != 1:
+                return None  # none (no connect, or closed again), or two sockets: nothing to tell
+            time.sleep(0.0005)
         return None
 
     def _load(self) -> None:

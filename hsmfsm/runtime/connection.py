@@ -98,7 +98,7 @@ class Busy(ModuleCallError):
 class _OpenFailed(Exception):
     """Opening a session for a caller failed; carries whether the watchdog cut it off, whether the
     failure's event was already fired (a lane's C_Login, decided as the login phase), and whether it
-    was one new link's alone (``link_only``: the member's other links serve, ``rules.link_failure``)."""
+    was one new link's alone (``link_only``: ``rules.link_failure``)."""
 
     def __init__(self, error: ModuleCallError, timed_out: bool, fired: bool = False, abandoned: bool = False,
                  link_only: bool = False) -> None:
@@ -213,8 +213,8 @@ class SlotConnection:
         #: HSM, docs/FACTS.md): made only in a generation whose own login succeeded, one at a time, and
         #: never once a PIN was refused. The C_Login calls made in all are the two counts together.
         self.link_logins = 0
-        #: New links whose set-up failed while the member's other links served (``rules.link_failure``):
-        #: each such failure stayed that link's, and the member was probed.
+        #: New links whose set-up failed, each that link's failure alone (``rules.link_failure``): the
+        #: member kept its state.
         self.link_failures = 0
         #: Those failures since the member last answered (a call, a probe, a link set up).
         self._link_streak = 0
@@ -794,17 +794,15 @@ class SlotConnection:
                 lane.lease = None
             lane.stale = self._links
             self._changed.notify_all()
-            return self._failure_is_link_only(g, lease)
+            return self._failure_is_link_only(g)
 
-    def _failure_is_link_only(self, g: Generation, lease: Lease) -> bool:
-        """Whether a failure of ``lease``'s new link is that link's alone (``rules.is_link_failure``):
-        over links of their own, in the current generation, while another session of it is set up
-        with its link not cut, or the member answered since the last few such failures (caller
-        holds ``_lock``)."""
+    def _failure_is_link_only(self, g: Generation) -> bool:
+        """Whether a failure of a new link is that link's alone (``rules.is_link_failure``):
+        over links of their own, in the current generation, while the member answered since the
+        last few such failures (caller holds ``_lock``)."""
         if not self._links or g is not self._g or not g.ready:
             return False
-        others = any(other is not lease and other.opened and not other.drop for other in g.leases)
-        return rules.is_link_failure(others_serve=others, failures_in_a_row=self._link_streak)
+        return rules.is_link_failure(failures_before=self._link_streak)
 
     def _has_room(self, g: Generation) -> bool:
         """Whether :meth:`_claim_lane` could find a lane now (caller holds ``_lock``)."""
@@ -902,7 +900,7 @@ class SlotConnection:
             with self._lock:
                 usable = g is self._g and g.ready and self._machine.current is not State.FAILED
                 last = self.last_code or CALL_TIMEOUT
-                link_only = self._failure_is_link_only(g, lease)
+                link_only = self._failure_is_link_only(g)
                 if usable:
                     self.link_logins += 1
             if not usable:
@@ -950,7 +948,7 @@ class SlotConnection:
         event, and its last code stays the HSM's). ``fired``: the failure's event was fired already
         (a lane's login, decided as the login phase). ``relogin``: the call ran on a lane whose login
         a ``login_lost`` already took away, so a login loss it reports is on the record already.
-        ``link_only``: a new link's set-up failed while the member's other links serve: that link's
+        ``link_only``: a new link's set-up failed, and it is that link's
         failure alone (``rules.link_failure``)."""
         if timed_out:
             code = CALL_TIMEOUT
@@ -976,7 +974,7 @@ class SlotConnection:
         if d.error is None:
             if attempts is not None:  # the connection goes again: a pool member would raise this
                 attempts.end(MemberUnavailable.__name__, code)
-            return reissues + 1
+            return reissues if d.link_only else reissues + 1  # a link's failure sent nothing
         error = d.error(self.name, f"{op} {d.reason}", code, state, reissue=d.reissue,
                         may_have_acted=d.may_have_acted)
         raise error from (None if timed_out else cause)
@@ -987,8 +985,8 @@ class SlotConnection:
         with self._lock:
             self.link_failures += 1
             self._link_streak += 1
-        log.warning("%s: %s: a new link's set-up failed with %s (%s); the member's other links serve, so that "
-                    "link alone is dropped and the call goes again", self.name, op, code,
+        log.warning("%s: %s: a new link's set-up failed with %s (%s); the member answered since, so that link "
+                    "alone is dropped and the call goes again", self.name, op, code,
                     cause if cause is not None else "no detail")
 
     def _policy_for(self, deadline: float | None) -> Policy:
