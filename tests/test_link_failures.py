@@ -15,6 +15,7 @@ from hsmfsm import LoginRejected, MemberUnavailable, State
 from hsmfsm.core import rules
 from hsmfsm.core.codes import CALL_TIMEOUT, SUSPECTED, code_from_name
 from hsmfsm.core.errors import CallTimeout
+from hsmfsm.runtime.pool import format_status
 from hsmfsm.testing import VirtualClock
 
 from scripted_helpers import MECH, Caller, Recorder, connection, guarded_clock, policy, pool, replicas, signs
@@ -191,3 +192,7 @@ def test_in_a_pool_a_links_failure_goes_to_the_next_member_and_neither_leaves(cl
         assert signs(b) == before_b + 1  # went to hsm-b at once, nothing sent to hsm-a
         assert holder.join()
         assert rec.rows(start) == [] and p.member("hsm-a").generation == 1 and p.member("hsm-a").link_failures == 1
+        # Operators see it in the status: its row, its JSON, and the HA group display.
+        row = {r.name: r for r in p.status()}["hsm-a"]
+        assert (row.link_failures, row.links) == (1, p.member("hsm-a").links) and row.as_dict()["link_failures"] == 1
+        assert "hsm-a" in format_status(p).splitlines()[1] and "1 failed link set-up(s)" in format_status(p)

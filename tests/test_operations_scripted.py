@@ -265,7 +265,8 @@ def test_a_standby_that_is_down_leaves_the_pool_healthy(clock) -> None:
 def test_member_status_takes_its_old_positional_fields() -> None:
     old = MemberStatus("hsm-a", "active", "logged_in", None, None, 0, 6, None, 0, "none", None)
     assert (old.since, old.sessions) == (None, 0)
-    assert list(old.as_dict())[-3:] == ["since", "sessions", "suspected"] and not old.suspected
+    assert list(old.as_dict())[-5:] == ["since", "sessions", "suspected", "links", "link_failures"]
+    assert not old.suspected and (old.links, old.link_failures) == (0, 0)
 
 
 # -- structured log fields ---------------------------------------------------------------------

@@ -129,6 +129,10 @@ class MemberStatus:
     sessions: int = 0
     #: The pool suspects the member (``operations.suspicion``): it gets no new calls while another serves.
     suspected: bool = False
+    #: Links the member has open (a session each over p11-kit-client), and new links whose set-up
+    #: failed as that link's failure alone (``rules.link_failure``), ever.
+    links: int = 0
+    link_failures: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -326,7 +330,8 @@ class Pool:
             out.append(MemberStatus(c.name, "standby" if m.standby else "active", state,
                                     code.name if code else None, code.value if code else None, attempts,
                                     self.max_attempts, None if c.serving else next_in, c.inflight,
-                                    c.isolation, m.mismatch, c.since, c.sessions, m.suspected))
+                                    c.isolation, m.mismatch, c.since, c.sessions, m.suspected, c.links,
+                                    c.link_failures))
         return out
 
     def health(self) -> PoolHealth:
@@ -934,7 +939,8 @@ def format_status(pool: Pool) -> str:
         role = ("  (standby)" if r.role == "standby" else "") + \
             ("  (host process)" if r.isolation == "process" else "") + ("  (suspected)" if r.suspected else "")
         kept_out = f"   kept out: {r.error}" if r.error else ""
-        lines.append(f"  {r.name:<{width}}   {r.state:<12} {code}{extra}{role}{kept_out}")
+        flaky = f"   {r.link_failures} failed link set-up(s)" if r.link_failures else ""
+        lines.append(f"  {r.name:<{width}}   {r.state:<12} {code}{extra}{role}{kept_out}{flaky}")
     serving = sum(1 for r in rows if r.state in SERVING and not r.error)
     lines.append(f"Status: serving on {serving} of {len(rows)} members")
     return "\n".join(lines)
