@@ -985,9 +985,10 @@ class SlotConnection:
         with self._lock:
             self.link_failures += 1
             self._link_streak += 1
-        log.warning("%s: %s: a new link's set-up failed with %s (%s); the member answered since, so that link "
-                    "alone is dropped and the call goes again", self.name, op, code,
-                    cause if cause is not None else "no detail")
+            streak = self._link_streak
+        log.warning("%s: %s: a new link's set-up failed with %s (%s): that link alone is dropped and the call goes "
+                    "again (%d in a row; %d in a row with no answer between are the member's)", self.name, op, code,
+                    cause if cause is not None else "no detail", streak, rules.LINK_FAILURES_IN_A_ROW)
 
     def _policy_for(self, deadline: float | None) -> Policy:
         """The policy, or (for a call given ``deadline=``) a copy with that deadline, which the
