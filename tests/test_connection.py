@@ -63,6 +63,39 @@ def test_server_down_at_start_keeps_retrying_until_it_appears(client_module, net
         conn.close()
 
 
+def test_an_hsm_hung_from_the_start_costs_no_socket_per_attempt(client_module, hsms, pin_env, fast_policy,
+                                                                 recorder):
+    """hsm-b is hung (SIGSTOP) before its connection's first attempt, while hsm-a's connection keeps
+    p11-kit-client loaded in the process: each attempt's first load of the module would hang in its
+    version handshake until the watchdog cut it, and p11-kit-client 0.24.1 keeps a socket whose
+    handshake failed open for good (docs/FACTS.md). hsmfsm asks the server for its version byte on a
+    socket of its own first, so the attempts fail (call timeout) with nothing loaded, and no socket
+    is left behind however many attempts there are; resumed, it serves."""
+    from test_suspicion import sockets_to
+
+    a, b = hsms
+    policy = fast_policy(call_timeout=0.3, backoff_max=0.1)
+    healthy = connect(client_module, a, pin_env, policy, name="hsm-a")
+    b.hang()
+    conn = connect(client_module, b, pin_env, policy, recorder, name="hsm-b")
+    try:
+        healthy.open(wait=10)
+        conn.open(wait=0.1)
+        assert wait_for(lambda: sum(r.event == "connect_failed" for r in recorder.records) >= 4, 20)
+        time.sleep(0.1)
+        total, _ = sockets_to(b.socket_path)
+        assert total <= 1  # the attempt under way, at most
+        b.resume()
+        assert wait_for(lambda: conn.state == "logged_in", 10)
+        verify(b.token, "ec", b"resumed", sign_ec(conn, b"resumed"))
+        assert sockets_to(b.socket_path)[0] == conn.links
+        verify(a.token, "ec", b"healthy", sign_ec(healthy, b"healthy"))
+    finally:
+        b.resume()
+        conn.close()
+        healthy.close()
+
+
 def test_hung_hsm_times_out_naming_the_member_then_recovers(client_module, network_hsm, pin_env, fast_policy):
     network_hsm.start()
     policy = fast_policy(call_timeout=1.0)

@@ -55,6 +55,7 @@ CKF_OS_LOCKING_OK = 0x2
 CKU_USER = 1
 CKR_OK = 0
 CKR_CANT_LOCK = 0xA
+CKR_DEVICE_ERROR = 0x30
 CKR_BUFFER_TOO_SMALL = 0x150
 
 
@@ -200,6 +201,30 @@ def _peer_path(fd: int) -> str | None:
 def _shut_down(fd: int) -> bool:
     """shutdown(2) of the socket ``fd`` both ways, on ``fd`` itself (see :func:`_peer_path`)."""
     return bool(_LIBC.shutdown(fd, socket.SHUT_RDWR) == 0)
+
+
+def _handshake(path: str) -> bool | None:
+    """p11-kit's version handshake with the server at ``path`` on a socket of hsmfsm's own: True if
+    it answered, False if it took the connection and did not (the socket was cut while waiting: a
+    hung server, cut by the watchdog or a suspicion, as a load would be), None if nothing listens.
+
+    Made before a module's first load: python-pkcs11 initialises a module as it loads it, and a
+    p11-kit-client 0.24.1 whose handshake fails keeps that socket open for good (docs/FACTS.md),
+    one per attempt while other members keep the client loaded. A server that answers this one
+    is asked again by the load's own C_Initialize; the race is one socket, not one per attempt."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        try:
+            sock.connect(path)
+        except OSError:
+            return None
+        try:
+            sock.sendall(b"\0")
+            return len(sock.recv(1)) == 1
+        except OSError:
+            return False
+    finally:
+        sock.close()
 
 
 def _close_if_still(socket_: tuple[int, str]) -> None:
@@ -433,6 +458,10 @@ class ModuleInstance:
         self._init_before = before
         try:
             if self.lib is None:
+                if self._server_path is not None and _handshake(self._server_path) is False:
+                    raise ModuleCallError(code_from_value(CKR_DEVICE_ERROR),
+                                          f"{self.name}: the server at {self._server_path} took the connection "
+                                          "but did not answer its version byte")
                 self._load()
             else:
                 self.finalize()
