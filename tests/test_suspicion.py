@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import os
 import socket
 import threading
 import time
@@ -16,7 +15,7 @@ import time
 import pytest
 from hsmfsm.core.errors import KeyNotFound, OutcomeUnknown
 from hsmfsm.core.records import CallRecord, SuspicionRecord
-from hsmfsm.p11.module import _peer_path
+from hsmfsm.p11.module import sockets_to as module_sockets_to
 from hsmfsm.tools.soak.probes import children
 
 from conftest import sign_ec, verify, wait_for
@@ -71,17 +70,9 @@ def sockets_to(path) -> tuple[int, int]:
     """This process's sockets connected to the unix socket at ``path`` (told apart by inode): how many
     in all, and how many of them live (not shut down: a read would wait, or finds a reply). Read on
     each fd itself, never a dup: a dup is a second fd for a link's socket while hsmfsm looks for it."""
-    found: dict[str, bool] = {}
     byte = ctypes.create_string_buffer(1)
-    for entry in os.listdir("/proc/self/fd"):
-        try:
-            fd = int(entry)
-            name = os.readlink(f"/proc/self/fd/{entry}")
-        except (OSError, ValueError):
-            continue
-        if name.startswith("socket:") and _peer_path(fd) == str(path):
-            n = LIBC.recv(fd, byte, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-            found[name] = n != 0  # 0: end of stream (shut down); -1 (EAGAIN): live and quiet
+    found = {name: LIBC.recv(fd, byte, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != 0  # 0: shut down
+             for fd, name in module_sockets_to(str(path)).items()}
     return len(found), sum(found.values())
 
 

@@ -203,6 +203,21 @@ def _shut_down(fd: int) -> bool:
     return bool(_LIBC.shutdown(fd, socket.SHUT_RDWR) == 0)
 
 
+def sockets_to(path: str) -> dict[int, str]:
+    """This process's sockets connected to the unix socket at ``path``: fd -> its /proc link text
+    ("socket:[inode]", what tells two sockets apart when fd numbers are reused or duplicated)."""
+    found: dict[int, str] = {}
+    for entry in os.listdir("/proc/self/fd"):
+        try:
+            fd = int(entry)
+            name = os.readlink(f"/proc/self/fd/{entry}")
+        except (OSError, ValueError):
+            continue
+        if name.startswith("socket:") and _peer_path(fd) == path:
+            found[fd] = name
+    return found
+
+
 def _handshake(path: str) -> bool | None:
     """p11-kit's version handshake with the server at ``path`` on a socket of hsmfsm's own: True if
     it answered, False if it took the connection and did not (the socket was cut while waiting: a
@@ -789,18 +804,7 @@ class ModuleInstance:
 
     def _sockets(self) -> dict[int, str]:
         """This process's sockets to this instance's server: fd -> its /proc link text."""
-        found: dict[int, str] = {}
-        if self._server_path is None:
-            return found
-        for entry in os.listdir("/proc/self/fd"):
-            try:
-                fd = int(entry)
-                name = os.readlink(f"/proc/self/fd/{entry}")
-            except (OSError, ValueError):
-                continue
-            if name.startswith("socket:") and _peer_path(fd) == self._server_path:
-                found[fd] = name
-        return found
+        return {} if self._server_path is None else sockets_to(self._server_path)
 
     def for_child(self) -> ModuleInstance:
         """In a forked child: the instance to use from now on.
