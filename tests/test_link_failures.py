@@ -196,3 +196,35 @@ def test_in_a_pool_a_links_failure_goes_to_the_next_member_and_neither_leaves(cl
         row = {r.name: r for r in p.status()}["hsm-a"]
         assert (row.link_failures, row.links) == (1, p.member("hsm-a").links) and row.as_dict()["link_failures"] == 1
         assert "hsm-a" in format_status(p).splitlines()[1] and "1 failed link set-up(s)" in format_status(p)
+
+
+def test_link_failures_on_both_members_never_use_up_a_calls_reissues(clock) -> None:
+    """Both members' sessions held, and each fails its next two new links: the call goes hsm-a,
+    hsm-b, hsm-a, hsm-b (four link failures, nothing sent) and is served by the fifth attempt, past
+    ``max_reissues`` (3): a link's failure is no re-issue (``rules.counts_as_reissue``)."""
+    hsms = replicas(clock, "hsm-a", "hsm-b")
+    a, b = hsms["hsm-a"], hsms["hsm-b"]
+    rec = Recorder(clock)
+    pol = with_sessions(3)
+    assert pol.operations.max_reissues < 4
+    with pool(clock, hsms, pol, balance="primary", recorder=rec) as p:
+        clock.sleep(0.01)
+        held = [Holders(clock, p.member("hsm-a"), a, 0.15), Holders(clock, p.member("hsm-b"), b, 0.15)]
+        start = rec.mark()
+        a.fail("find_token", "HSMFSM_NO_SUCH_TOKEN", times=2)
+        b.fail("find_token", "HSMFSM_NO_SUCH_TOKEN", times=2)
+        assert p.sign("rsa", b"fifth time", MECH)
+        assert (a.count("find_token", "HSMFSM_NO_SUCH_TOKEN"), b.count("find_token", "HSMFSM_NO_SUCH_TOKEN")) == (2, 2)
+        assert p.member("hsm-a").link_failures == p.member("hsm-b").link_failures == 2
+        assert all(h.join() for h in held)
+        assert rec.rows(start) == []
+
+
+def test_a_cut_and_a_links_failure_are_no_reissue_and_everything_else_is() -> None:
+    p = policy()
+    cut = rules.decide_call(p, GENERAL, operation="sign", timed_out=False, in_pool=True, abandoned=True)
+    link = rules.decide_call(p, NO_TOKEN, operation="sign", timed_out=False, sent=False, in_pool=True,
+                             link_only=True)
+    lost = rules.decide_call(p, GENERAL, operation="sign", timed_out=False, in_pool=True)
+    timeout = rules.decide_call(p, GENERAL, operation="sign", timed_out=True, in_pool=True, abandoned=True)
+    assert [rules.counts_as_reissue(d) for d in (cut, link, lost, timeout)] == [False, False, True, True]

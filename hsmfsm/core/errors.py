@@ -16,6 +16,9 @@ class HSMError(Exception):
     reissue: bool = False
     #: Might the HSM have acted before the error? Then a non-idempotent operation must not go again.
     may_have_acted: bool = True
+    #: Does a pool that goes elsewhere after this error count that against ``max_reissues``? Not
+    #: after a call cut off on suspicion or a new link's failure (``rules.counts_as_reissue``).
+    counts_as_reissue: bool = True
 
     def __init__(self, member: str, message: str, code: Code | None = None, state: str | None = None,
                  *, reissue: bool | None = None, may_have_acted: bool | None = None) -> None:

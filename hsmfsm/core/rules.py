@@ -358,6 +358,16 @@ def decide_probe(policy: Policy, code: Code, *, timed_out: bool, session_state: 
     return Decision(Phase.PROBE, code, name, react, REACTION_EVENT[react])
 
 
+def counts_as_reissue(d: Decision) -> bool:
+    """Whether the error of decision ``d`` counts against ``operations.max_reissues`` when a pool
+    goes elsewhere after it. Not a call cut off on suspicion (our own doing, after it ran past the
+    member's limit: at least the floor) nor a new link's failure (nothing sent; the
+    :data:`LINK_FAILURES_IN_A_ROW`-th is the member's): on a machine slow enough to suspect both
+    members in turn, those would use a call's re-issues up while both serve. The deadline bounds
+    them instead."""
+    return not (d.link_only or d.code is SUSPECTED)
+
+
 def pool_may_reissue(error: HSMError, idempotent: bool) -> bool:
     """May a pool send a call that failed on one member with ``error`` to another?
 

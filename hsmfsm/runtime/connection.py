@@ -977,6 +977,8 @@ class SlotConnection:
             return reissues if d.link_only else reissues + 1  # a link's failure sent nothing
         error = d.error(self.name, f"{op} {d.reason}", code, state, reissue=d.reissue,
                         may_have_acted=d.may_have_acted)
+        if not rules.counts_as_reissue(d):
+            error.counts_as_reissue = False
         raise error from (None if timed_out else cause)
 
     def _link_failed(self, op: str, code: Code, cause: BaseException | None) -> None:

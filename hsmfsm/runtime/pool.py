@@ -671,9 +671,10 @@ class Pool:
                     rejected.append(member.conn.name)
                     if self._now() >= until or reissues >= self.policy.operations.max_reissues:
                         raise self._none_served(op, mech, rejected) from exc
-                elif self._now() >= until or reissues >= self.policy.operations.max_reissues:
+                elif self._now() >= until or (exc.counts_as_reissue
+                                              and reissues >= self.policy.operations.max_reissues):
                     raise
-                reissues += 1
+                reissues += exc.counts_as_reissue
 
     def _call_recorded(self, op: str, invoke: Callable[[SlotConnection], Any], mechanism: Any,
                        deadline: float | None) -> Any:
