@@ -114,7 +114,8 @@ class OperationsPolicy:
     - ``idempotent``: operations that may be re-issued after a failure that may
       have reached the HSM (C_Sign, C_Verify, C_Decrypt, C_GenerateRandom are
       safe; key generation and object creation are not: the object may exist).
-    - ``max_reissues``: how many times one call may be re-issued.
+    - ``max_reissues``: how many times one call may be re-issued (not counting a cut on
+      suspicion, nor a new link's failure: ``rules.counts_as_reissue``).
     - ``deadline``: one budget spanning every attempt of a call, including the
       wait for recovery in between. The caller gets an answer by then.
     - ``call_timeout``: a single PKCS#11 call longer than this is cut off by
