@@ -432,6 +432,13 @@ class ModuleInstance:
         #: While a C_Initialize of this instance runs: the server's sockets before it began (the one it
         #: opens is the one not among them).
         self._init_before: dict[int, str] | None = None
+        #: While this instance asks its server for the version byte before its first load
+        #: (:func:`_handshake`, on a socket of hsmfsm's own: cutting it costs nothing).
+        self._probing = False
+        #: While this instance waits for another instance's C_Initialize to its server (or a first
+        #: load's lock): :meth:`cut_link` ends the wait (``_wait_cut``) instead of a socket.
+        self._waiting = False
+        self._wait_cut = False
         #: C_SignInit/C_Sign/C_DecryptInit/C_Decrypt, once loaded (the signing path's own references).
         self._sign_init: Any = None
         self._sign: Any = None
@@ -458,14 +465,43 @@ class ModuleInstance:
         # (p11-kit-client opens one per instance, at C_Initialize). A hung one holds its locks until
         # the watchdog (or a suspicion's cut_link, which finds the socket it is opening) cuts it off.
         path = self._server_path
+        self._wait_cut = False
         if self.lib is not None and path is not None:
-            with server_lock(path):
+            lock = server_lock(path)
+            self._wait_for(lock, path)
+            try:
                 return self._initialize_now()
-        with _ENV_LOCK, _environment(self.env):
-            if path is None:
-                return self._initialize_now()
-            with server_lock(path):
-                return self._initialize_now()
+            finally:
+                lock.release()
+        self._wait_for(_ENV_LOCK, path)
+        try:
+            with _environment(self.env):
+                if path is None:
+                    return self._initialize_now()
+                lock = server_lock(path)
+                self._wait_for(lock, path)
+                try:
+                    return self._initialize_now()
+                finally:
+                    lock.release()
+        finally:
+            _ENV_LOCK.release()
+
+    def _wait_for(self, lock: Any, path: str | None) -> None:
+        """Take ``lock``, waiting as long as it takes unless :meth:`cut_link` cuts this instance off
+        meanwhile (another link's C_Initialize to a hung server holds it): then ModuleCallError, as a
+        cut link's call returns, and this link's call can go to another member at once."""
+        if lock.acquire(blocking=False):
+            return
+        self._waiting = True
+        try:
+            while not lock.acquire(timeout=0.005):
+                if self._wait_cut:
+                    raise ModuleCallError(code_from_value(CKR_DEVICE_ERROR),
+                                          f"{self.name}: cut off while waiting for another link's C_Initialize "
+                                          f"to {path or 'its module'}")
+        finally:
+            self._waiting = False
 
     def _initialize_now(self) -> Code:
         """(Under the locks :meth:`initialize` takes.)"""
@@ -473,7 +509,12 @@ class ModuleInstance:
         self._init_before = before
         try:
             if self.lib is None:
-                if self._server_path is not None and _handshake(self._server_path) is False:
+                self._probing = True
+                try:
+                    answered = self._server_path is None or _handshake(self._server_path)
+                finally:
+                    self._probing = False
+                if answered is False:
                     raise ModuleCallError(code_from_value(CKR_DEVICE_ERROR),
                                           f"{self.name}: the server at {self._server_path} took the connection "
                                           "but did not answer its version byte")
@@ -778,7 +819,15 @@ class ModuleInstance:
         is no longer the one found at C_Initialize (p11-kit-client closed it, the number was reused)."""
         if self.inherited:
             return False
+        if self._waiting:  # for another link's C_Initialize: end the wait
+            self._wait_cut = True
+            return True
         before = self._init_before
+        if before is not None and self.lib is None and not self._probing:
+            # A first load, in python-pkcs11's hands: a socket cut in its handshake is one nobody can
+            # close again (docs/FACTS.md). Its server answered hsmfsm's own version byte a moment ago
+            # (:func:`_handshake`, which is cut), so this load is quick, or left to the call timeout.
+            return False
         if before is not None:  # a C_Initialize is under way (the connect, or its handshake, hangs)
             # New by socket, not by fd number: another thread's scan (:meth:`_sockets`, of another
             # member's C_Initialize) holds a passing dup of some other link's socket under a new number.
