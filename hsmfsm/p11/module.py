@@ -467,25 +467,22 @@ class ModuleInstance:
         path = self._server_path
         self._wait_cut = False
         if self.lib is not None and path is not None:
-            lock = server_lock(path)
-            self._wait_for(lock, path)
-            try:
-                return self._initialize_now()
-            finally:
-                lock.release()
+            return self._initialize_under(path)
         self._wait_for(_ENV_LOCK, path)
         try:
             with _environment(self.env):
-                if path is None:
-                    return self._initialize_now()
-                lock = server_lock(path)
-                self._wait_for(lock, path)
-                try:
-                    return self._initialize_now()
-                finally:
-                    lock.release()
+                return self._initialize_now() if path is None else self._initialize_under(path)
         finally:
             _ENV_LOCK.release()
+
+    def _initialize_under(self, path: str) -> Code:
+        """:meth:`_initialize_now` under the lock of the server at ``path``."""
+        lock = server_lock(path)
+        self._wait_for(lock, path)
+        try:
+            return self._initialize_now()
+        finally:
+            lock.release()
 
     def _wait_for(self, lock: Any, path: str | None) -> None:
         """Take ``lock``, waiting as long as it takes unless :meth:`cut_link` cuts this instance off
